@@ -1,0 +1,3 @@
+"""Differentially private training for PyTorch Lightning."""
+
+__all__: list[str] = []
