@@ -1,3 +1,21 @@
 """Differentially private training for PyTorch Lightning."""
 
-__all__: list[str] = []
+from lightning_dp.engine import (
+    PrivacyLeakError,
+    group_norms,
+    group_thresholds,
+    make_private,
+    sensitivity,
+    strip_private,
+)
+from lightning_dp.rules import rules
+
+__all__ = [
+    "PrivacyLeakError",
+    "group_norms",
+    "group_thresholds",
+    "make_private",
+    "rules",
+    "sensitivity",
+    "strip_private",
+]

@@ -1,0 +1,27 @@
+"""The per-example clipping engine: rewrite a model so backward leaves clipped sums in .grad."""
+
+from lightning_dp.engine.clipper import Clipper, Group, GroupStats
+from lightning_dp.engine.make_private import (
+    PrivacyLeakError,
+    clipper_of,
+    group_norms,
+    group_thresholds,
+    is_private,
+    make_private,
+    sensitivity,
+    strip_private,
+)
+
+__all__ = [
+    "Clipper",
+    "Group",
+    "GroupStats",
+    "PrivacyLeakError",
+    "clipper_of",
+    "group_norms",
+    "group_thresholds",
+    "is_private",
+    "make_private",
+    "sensitivity",
+    "strip_private",
+]

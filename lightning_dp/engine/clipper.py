@@ -1,0 +1,187 @@
+"""Per-backward book-keeping: collect each group's gradient factors, clip, write ``.grad``.
+
+Every call of a DP primitive in a forward pass is counted as *pending* for the groups its
+parameters belong to. As each call's backward runs it hands over a :class:`GradUse`; when a
+group has no pending calls left its per-example norms are known, so it is clipped and its
+gradients written at once, inside that backward. Per-layer groups therefore finish in their own
+layer's backward (clipping fused into backprop); flat and custom groups hold their factors only
+until their last member has run (book-keeping), in the same single backward pass. A callback at
+the end of every backward finishes groups whose remaining calls never received a gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lightning_dp.engine.clip_fns import CLIP_FNS
+from lightning_dp.rules.base import GradUse, Rule
+
+
+@dataclass
+class Group:
+    """Parameters clipped together, to one threshold."""
+
+    name: str
+    params: list[str]
+    threshold: float
+
+
+@dataclass
+class GroupStats:
+    """What the last backward saw for one group (for logging and adaptive thresholds).
+
+    Counts stay tensors so that reading them is the caller's choice of a device sync.
+    """
+
+    norms: Tensor
+    clipped: Tensor
+    nonfinite: Tensor
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Settings that change speed only, never the result (kept out of the privacy card)."""
+
+    norm_method: str = "auto"
+
+
+@dataclass(eq=False)
+class Site:
+    """A module whose forward runs through a rule, and how its parameters map to groups."""
+
+    path: str
+    module: nn.Module
+    rule: Rule
+    clipper: Clipper
+    #: local parameter name -> canonical (deduplicated) parameter name in the model
+    param_keys: dict[str, str]
+    original_forward: object = None
+    groups: list[str] = field(default_factory=list)
+
+    @property
+    def options(self) -> EngineOptions:
+        return self.clipper.options
+
+    def active(self) -> bool:
+        return torch.is_grad_enabled() and self.clipper.enabled
+
+    def begin(self) -> None:
+        self.clipper.on_forward(self)
+
+    def record(self, use: GradUse) -> None:
+        self.clipper.on_backward(self, use)
+
+
+class Clipper:
+    """Clips per-example group gradients of one private model and accumulates them in ``.grad``."""
+
+    def __init__(
+        self, groups: list[Group], clip_fn: str, gamma: float, options: EngineOptions
+    ) -> None:
+        self.options = options
+        self.groups = {g.name: g for g in groups}
+        self.group_of = {p: g.name for g in groups for p in g.params}
+        self.clip_fn = CLIP_FNS[clip_fn]
+        self.clip_fn_name = clip_fn
+        self.gamma = gamma
+        self.enabled = True
+        self.stats: dict[str, GroupStats] = {}
+        self._pending: dict[str, int] = defaultdict(int)
+        self._uses: dict[str, list[tuple[Site, GradUse]]] = defaultdict(list)
+        self._callback_task: int | None = None
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the model's plain forward (used to recompute inside the torch.func fallback)."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    def on_forward(self, site: Site) -> None:
+        for group in site.groups:
+            self._pending[group] += 1
+
+    def on_backward(self, site: Site, use: GradUse) -> None:
+        self._queue_finish_callback()
+        touched = {self.group_of[site.param_keys[name]] for name in use.params}
+        for group in site.groups:
+            if group in touched:
+                self._uses[group].append((site, use))
+            self._pending[group] -= 1
+            if self._pending[group] <= 0:
+                self._finalize(group)
+
+    def _queue_finish_callback(self) -> None:
+        task = torch._C._current_graph_task_id()
+        if self._callback_task != task:
+            self._callback_task = task
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+
+    def _finish(self) -> None:
+        """End of backward: finish groups some of whose calls got no gradient, then reset."""
+        for group in list(self._uses):
+            self._finalize(group)
+        self._pending.clear()
+        self._callback_task = None
+
+    def _finalize(self, group_name: str) -> None:
+        uses = self._uses.pop(group_name, [])
+        self._pending.pop(group_name, None)
+        if not uses:
+            return
+        group = self.groups[group_name]
+        batch_sizes = {use.batch_size for _, use in uses}
+        if len(batch_sizes) != 1:
+            paths = sorted({site.path for site, _ in uses})
+            raise RuntimeError(
+                f"Group {group_name!r} received per-example gradients for different batch sizes "
+                f"{sorted(batch_sizes)} from modules {paths}. lightning-dp identifies examples by "
+                "their index along the batch dimension, so every call of a private module in one "
+                "backward must see the same batch; run one forward per backward."
+            )
+        # canonical param -> [(use, local name)]: a parameter reached by several calls (tied
+        # weights, a module applied twice) has per-example gradient = the sum over its calls.
+        contributions: dict[str, list[tuple[GradUse, str]]] = defaultdict(list)
+        for site, use in uses:
+            for local in use.params:
+                canonical = site.param_keys[local]
+                if self.group_of[canonical] == group_name:
+                    contributions[canonical].append((use, local))
+
+        norm_sq = None
+        for calls in contributions.values():
+            if len(calls) == 1:
+                use, local = calls[0]
+                term = use.norm_sq(local)
+            else:
+                summed = sum(use.per_example(local).float() for use, local in calls)
+                term = summed.pow(2).flatten(1).sum(1)
+            norm_sq = term if norm_sq is None else norm_sq + term
+        norms = norm_sq.sqrt()
+        finite = torch.isfinite(norms)
+        scale = self.clip_fn(norms, group.threshold, self.gamma)
+        scale = torch.where(finite, scale, torch.zeros_like(scale))
+        self.stats[group_name] = GroupStats(
+            norms=norms.detach(),
+            clipped=(norms > group.threshold).sum(),
+            nonfinite=(~finite).sum(),
+        )
+        for calls in contributions.values():
+            for use, local in calls:
+                _accumulate(use.params[local], use.clipped_grad(local, scale))
+
+
+def _accumulate(param: Tensor, grad: Tensor) -> None:
+    grad = grad.to(param.dtype)
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)

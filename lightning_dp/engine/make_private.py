@@ -1,0 +1,273 @@
+"""``make_private``: rewrite a model so that backward leaves clipped per-example sums in ``.grad``.
+
+Order of operations: refuse cross-example layers, attach a rule to every module that owns
+trainable parameters, partition the parameters into clipping groups, then route each such
+module's forward through its rule and guard every parameter against non-private gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from torch import Tensor, nn
+
+from lightning_dp.engine.clip_fns import ClipFn
+from lightning_dp.engine.clipper import Clipper, EngineOptions, Site
+from lightning_dp.engine.groups import (
+    ROOT,
+    custom_groups,
+    layer_groups,
+    unit_groups,
+    with_thresholds,
+)
+from lightning_dp.engine.validation import check_no_cross_example_layers
+from lightning_dp.rules import FuncFallbackRule, rules
+from lightning_dp.rules.linear import NormMethod
+
+ClippingStyle = Literal["flat", "layer", "unit"]
+GroupSpec = Sequence[Sequence[str]] | Mapping[str, Sequence[str]]
+
+_STATE = "_lightning_dp_state"
+
+
+class PrivacyLeakError(RuntimeError):
+    """A parameter received a gradient that did not pass through per-example clipping."""
+
+
+@dataclass
+class PrivateState:
+    clipper: Clipper
+    sites: list[Site]
+    hooks: list[Any] = field(default_factory=list)
+    clipping: Any = None
+
+
+def make_private(
+    model: nn.Module,
+    *,
+    clipping: ClippingStyle | GroupSpec = "layer",
+    clip_fn: ClipFn = "abadi",
+    max_grad_norm: float | Mapping[str, float] = 1.0,
+    gamma: float = 0.01,
+    norm_method: NormMethod = "auto",
+    fallback: bool = False,
+) -> nn.Module:
+    """Rewrite ``model`` in place so that backward of a summed loss leaves ``sum_i clip(g_i)``.
+
+    After this, ``(per_example_losses.sum()).backward()`` writes into every trainable
+    parameter's ``.grad`` the sum over examples of the clipped per-example gradient. No noise
+    is added and nothing is divided: that is the strategy's job. Examples are the entries along
+    dimension 0 of every private module's input. Use ``.backward()`` (not ``torch.autograd.grad``)
+    and one forward per backward.
+
+    Args:
+        model: the model; modules mixing examples (BatchNorm) are refused.
+        clipping: ``"flat"`` (one group), ``"layer"`` (one group per module owning parameters;
+            modules sharing a parameter are merged), ``"unit"`` (one group per FSDP unit, or per
+            top-level child before sharding), or groups of parameter-name prefixes, as a list of
+            lists or a mapping group name -> prefixes.
+        clip_fn: ``"abadi"`` (``min(1, C/||g||)``) or ``"automatic"`` (``C/(||g||+gamma)``).
+        max_grad_norm: threshold C for every group, or a mapping group name -> C.
+        gamma: the stabiliser of automatic clipping.
+        norm_method: ``"auto"`` picks ghost norm or instantiation per layer by shape; speed only.
+        fallback: handle modules with no registered rule (and bare ``nn.Parameter``s used in a
+            module's own forward) with the ``torch.func`` fallback instead of refusing them.
+
+    Returns:
+        The same model, rewritten.
+    """
+    if hasattr(model, _STATE):
+        raise ValueError(
+            "make_private: this model is already private; call strip_private(model) first to "
+            "change its clipping."
+        )
+    _check_choice("clip_fn", clip_fn, ClipFn)
+    _check_choice("norm_method", norm_method, NormMethod)
+    if isinstance(clipping, str):
+        _check_choice("clipping", clipping, ClippingStyle)
+    if not (math.isfinite(gamma) and gamma > 0):
+        raise ValueError(f"make_private: gamma is {gamma!r}; it must be positive and finite.")
+
+    check_no_cross_example_layers(model)
+    canonical, aliases = _canonical_names(model)
+    planned = _plan_sites(model, canonical, fallback)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    groups = _resolve_groups(model, clipping, planned, trainable, aliases)
+    clipper = Clipper(with_thresholds(groups, max_grad_norm), clip_fn, gamma, EngineOptions(norm_method))
+
+    state = PrivateState(clipper=clipper, sites=[], clipping=clipping)
+    for path, module, rule, keys in planned:
+        site = Site(path=path, module=module, rule=rule, clipper=clipper, param_keys=keys)
+        site.groups = sorted({clipper.group_of[k] for k in keys.values()})
+        _route_forward(site)
+        state.sites.append(site)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            state.hooks.append(param.register_hook(_leak_guard(name)))
+    setattr(model, _STATE, state)
+    return model
+
+
+def strip_private(model: nn.Module) -> nn.Module:
+    """Undo :func:`make_private`: restore every forward and remove the gradient guards."""
+    state = _state(model)
+    for site in state.sites:
+        del site.module.forward  # the instance attribute set by _route_forward
+        if site.original_forward is not getattr(site.module, "forward"):
+            site.module.forward = site.original_forward
+    for hook in state.hooks:
+        hook.remove()
+    delattr(model, _STATE)
+    return model
+
+
+def is_private(model: nn.Module) -> bool:
+    return hasattr(model, _STATE)
+
+
+def clipper_of(model: nn.Module) -> Clipper:
+    return _state(model).clipper
+
+
+def group_norms(model: nn.Module) -> dict[str, Tensor]:
+    """Per-example pre-clipping norm of each group from the last backward, shape [B]."""
+    return {name: stats.norms for name, stats in _state(model).clipper.stats.items()}
+
+
+def group_thresholds(model: nn.Module) -> dict[str, float]:
+    return {name: g.threshold for name, g in _state(model).clipper.groups.items()}
+
+
+def sensitivity(model: nn.Module) -> float:
+    """L2 sensitivity of the summed clipped gradient under add/remove of one example.
+
+    Groups are disjoint sets of parameters (shared parameters merge their groups), each
+    contributing at most its threshold: ``sqrt(sum_k C_k^2)``.
+    """
+    return math.sqrt(sum(g.threshold**2 for g in _state(model).clipper.groups.values()))
+
+
+def _state(model: nn.Module) -> PrivateState:
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise ValueError(
+            f"{type(model).__name__} is not private; call lightning_dp.make_private(model) first."
+        )
+    return state
+
+
+def _check_choice(name: str, value: Any, choices: Any) -> None:
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise ValueError(f"make_private: {name}={value!r} is not one of {list(allowed)}.")
+
+
+def _canonical_names(model: nn.Module) -> tuple[dict[int, str], dict[str, str]]:
+    """id(param) -> its first name, and every other name (tied alias) -> that first name."""
+    canonical: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in canonical:
+            aliases[name] = canonical[id(param)]
+        else:
+            canonical[id(param)] = name
+    return canonical, aliases
+
+
+def _plan_sites(model: nn.Module, canonical: dict[int, str], fallback: bool):
+    """(path, module, rule, {local name: canonical name}) for every module owning trainable params."""
+    planned, covered, refused = [], [], []
+    for path, module in model.named_modules():
+        if any(path == c or path.startswith(c + ".") for c in covered):
+            continue
+        direct = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        rule = rules.lookup(module)
+        if rule is not None:
+            rule.validate(module, path or ROOT)
+            names = rule.param_names(module)
+            unhandled = sorted(set(direct) - set(names))
+            if unhandled and not fallback:
+                refused.append((path, module, unhandled))
+                continue
+            if unhandled:
+                rule = FuncFallbackRule()
+                names = direct
+            if rule.covers_subtree:
+                covered.append(path)
+        elif direct and fallback:
+            rule, names = FuncFallbackRule(), direct
+            if any(p.requires_grad for c in module.children() for p in c.parameters()):
+                warnings.warn(
+                    f"`{path or ROOT}` ({type(module).__name__}) uses its own parameters {direct} "
+                    "in its forward; the torch.func fallback re-runs that whole forward per "
+                    "example in the backward pass. Move them into a small leaf module to avoid "
+                    "the cost.",
+                    stacklevel=3,
+                )
+        elif direct:
+            refused.append((path, module, direct))
+            continue
+        else:
+            continue
+        if names:
+            keys = {n: canonical[id(module.get_parameter(n))] for n in names}
+            planned.append((path, module, rule, keys))
+    if refused:
+        lines = "\n".join(
+            f"  `{path or ROOT}` ({type(m).__name__}): {names}" for path, m, names in refused
+        )
+        raise ValueError(
+            "make_private: these modules own trainable parameters that no per-example rule "
+            f"handles, so their gradients could not be clipped:\n{lines}\nRegistered rules: "
+            f"{rules.registered_types()}. Pass fallback=True to handle them with the torch.func "
+            "fallback, register a rule with @lightning_dp.rules.register(YourModule), or freeze "
+            "them with requires_grad_(False)."
+        )
+    return planned
+
+
+def _resolve_groups(model, clipping, planned, trainable, aliases) -> dict[str, list[str]]:
+    if clipping == "flat":
+        return {"flat": trainable}
+    if clipping == "layer":
+        return layer_groups({path: sorted(set(keys.values())) for path, _, _, keys in planned})
+    if clipping == "unit":
+        return unit_groups(model, trainable)
+    if isinstance(clipping, str) or not isinstance(clipping, (Sequence, Mapping)):
+        raise ValueError(f"make_private: clipping={clipping!r} is not a style or a group list.")
+    return custom_groups(clipping, trainable, aliases)
+
+
+def _route_forward(site: Site) -> None:
+    module, rule = site.module, site.rule
+    site.original_forward = module.forward
+
+    def dp_forward(*args: Any, **kwargs: Any) -> Any:
+        if not site.active():
+            return site.original_forward(*args, **kwargs)
+        site.begin()
+        return rule.forward(site, module, *args, **kwargs)
+
+    module.forward = dp_forward
+
+
+def _leak_guard(name: str):
+    """A hook on the incoming gradient: DP primitives hand autograd ``None`` for parameters (the
+    clipper writes ``.grad`` itself), so any defined gradient arriving here bypassed clipping."""
+
+    def hook(grad: Tensor | None) -> None:
+        if grad is None:
+            return
+        raise PrivacyLeakError(
+            f"Parameter `{name}` received a gradient that bypassed per-example clipping: it is "
+            "used outside its module's forward (e.g. read directly in another module or in the "
+            "loss). That gradient would be released without privacy. Use the parameter only "
+            "through its module, enable fallback=True for the module that reads it, or put "
+            "data-independent terms such as weight decay in the optimizer."
+        )
+
+    return hook

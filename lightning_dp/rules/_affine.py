@@ -1,0 +1,71 @@
+"""The elementwise affine ``y = xhat * w + b`` that follows every normalisation layer.
+
+Normalisation layers are split into the parameter-free normalisation (ordinary autograd) and
+this primitive, whose per-example gradients are cheap to instantiate: ``w`` has only d entries,
+so ``G_i = sum over positions of g_i * xhat_i`` is B*d numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_dp.rules.base import GradUse, scale_rows, trainable
+
+
+class AffineUse(GradUse):
+    def __init__(self, xhat: Tensor | None, g: Tensor, params: dict[str, Tensor], channel_dim: int | None):
+        super().__init__(params, g.shape[0])
+        self.xhat, self.g, self.channel_dim = xhat, g, channel_dim
+        self.shape = next(iter(params.values())).shape
+
+    def _reduce(self, t: Tensor) -> Tensor:
+        """Sum a [B, ...] tensor down to the per-example parameter shape [B, *param.shape]."""
+        batch = t.shape[0]
+        if self.channel_dim is None:  # parameter spans the trailing dims (LayerNorm, RMSNorm)
+            return t.reshape(batch, -1, *self.shape).sum(1)
+        return t.reshape(batch, t.shape[1], -1).sum(2)  # per channel (GroupNorm)
+
+    def per_example(self, name: str) -> Tensor:
+        if name == "bias":
+            return self._reduce(self.g)
+        return self._reduce(self.g * self.xhat)
+
+    def clipped_grad(self, name: str, scale: Tensor) -> Tensor:
+        return scale_rows(scale, self.per_example(name)).sum(0)
+
+
+def _broadcast(param: Tensor, like: Tensor, channel_dim: int | None) -> Tensor:
+    if channel_dim is None:
+        return param
+    return param.view(-1, *([1] * (like.dim() - 2)))
+
+
+class _AffineFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, site, channel_dim, xhat: Tensor, weight: Tensor | None, bias: Tensor | None):
+        ctx.site, ctx.channel_dim, ctx.weight, ctx.bias = site, channel_dim, weight, bias
+        out = xhat
+        if weight is not None:
+            out = out * _broadcast(weight, xhat, channel_dim)
+        if bias is not None:
+            out = out + _broadcast(bias, xhat, channel_dim)
+        ctx.save_for_backward(xhat if trainable(weight) else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (xhat,) = ctx.saved_tensors
+        weight = ctx.weight
+        grad_xhat = g if weight is None else g * _broadcast(weight, g, ctx.channel_dim)
+        params = {n: p for n, p in (("weight", weight), ("bias", ctx.bias)) if trainable(p)}
+        ctx.site.record(AffineUse(xhat, g, params, ctx.channel_dim))
+        return None, None, grad_xhat, None, None
+
+
+def affine(site, xhat: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: int | None = None) -> Tensor:
+    """``xhat * weight + bias`` with per-example clipped parameter gradients.
+
+    ``channel_dim=None`` broadcasts the parameters over trailing dims; ``1`` over channels.
+    """
+    return _AffineFn.apply(site, channel_dim, xhat, weight, bias)

@@ -1,0 +1,78 @@
+"""What every per-example gradient rule provides to the clipper.
+
+A *rule* replaces one module type's forward with a DP primitive (an ``autograd.Function``).
+Its backward returns the input gradient as usual, and hands the clipper a :class:`GradUse`:
+the factors from which this call's per-example parameter gradients can be normed and
+clipped (for a linear layer, the output gradient ``g`` and input ``x``). The primitive returns
+``None`` for parameters, so their ``.grad`` is written only by the clipper, after clipping.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from lightning_dp.engine.clipper import Site
+
+
+class GradUse:
+    """Per-example gradient factors of one call of a DP primitive, keyed by local param name."""
+
+    def __init__(self, params: dict[str, Tensor], batch_size: int) -> None:
+        self.params = params
+        self.batch_size = batch_size
+
+    def norm_sq(self, name: str) -> Tensor:
+        """Per-example squared L2 norm of parameter ``name``'s gradient, float32, shape [B]."""
+        return self.per_example(name).float().pow(2).flatten(1).sum(1)
+
+    def per_example(self, name: str) -> Tensor:
+        """Per-example gradients of ``name``, shape [B, *param.shape] (used for shared params)."""
+        raise NotImplementedError
+
+    def clipped_grad(self, name: str, scale: Tensor) -> Tensor:
+        """``sum_i scale[i] * G_i`` for parameter ``name``; rows with scale 0 must add exactly 0,
+        even where their factors are not finite."""
+        raise NotImplementedError
+
+
+class Rule:
+    """How one module type computes its forward so that per-example clipping is possible."""
+
+    #: True when the rule handles every parameter under the module (e.g. a module that uses its
+    #: children's parameters functionally, as ``nn.MultiheadAttention`` does with ``out_proj``).
+    covers_subtree: bool = False
+    #: Direct parameter names the rule's primitive handles; None means all of them.
+    handles: tuple[str, ...] | None = None
+
+    def param_names(self, module: nn.Module) -> list[str]:
+        """Names (relative to ``module``) of the trainable parameters this rule handles."""
+        params = module.named_parameters(recurse=self.covers_subtree)
+        return [n for n, p in params if p.requires_grad and (self.handles is None or n in self.handles)]
+
+    def validate(self, module: nn.Module, path: str) -> None:
+        """Raise if this module's configuration cannot be made private (e.g. mixes examples)."""
+
+    def forward(self, site: Site, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """The module's forward, routed through the rule's DP primitive."""
+        raise NotImplementedError
+
+
+def trainable(tensor: Tensor | None) -> bool:
+    return tensor is not None and tensor.requires_grad
+
+
+def rows_where(ok: Tensor, tensor: Tensor) -> Tensor:
+    """Zero the rows (dim 0) of ``tensor`` where ``ok`` is False, NaN and inf included."""
+    shape = (-1,) + (1,) * (tensor.dim() - 1)
+    return torch.where(ok.view(shape), tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
+
+
+def scale_rows(scale: Tensor, tensor: Tensor) -> Tensor:
+    """``scale[i] * tensor[i]``, with rows of scale 0 exactly zero even if they hold NaN/inf."""
+    shape = (-1,) + (1,) * (tensor.dim() - 1)
+    scaled = tensor * scale.to(tensor.dtype).view(shape)
+    return rows_where(scale != 0, scaled)

@@ -1,0 +1,150 @@
+"""``nn.Conv1d/2d/3d``: the linear case on unfolded input patches, per channel group.
+
+With input patches ``U_i`` [L, C_in/groups * prod(k)] (L output positions) and output gradient
+``g_i`` [C_out/groups, L] per channel group, ``G_i = g_i U_i``: instantiated, or normed through
+the ghost identity over the L x L Gram matrices when that is cheaper. The clipped weight
+gradient is one ``convolution_backward`` with scaled output-gradient rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_dp.rules._autocast import cast_for_autocast, no_autocast
+from lightning_dp.rules.base import GradUse, Rule, rows_where, scale_rows, trainable
+from lightning_dp.rules.linear import choose_norm_method
+from lightning_dp.rules.registry import rules
+
+
+def unfold_patches(x: Tensor, conv: _ConvSpec) -> Tensor:
+    """Input patches [B, C * prod(kernel), L] for a convolution with zero padding, any dims."""
+    pad = [p for size in reversed(conv.padding) for p in (size, size)]
+    x = F.pad(x, pad)
+    n = len(conv.kernel_size)
+    for i in range(n):
+        span = conv.dilation[i] * (conv.kernel_size[i] - 1) + 1
+        x = x.unfold(2 + i, span, conv.stride[i])[..., :: conv.dilation[i]]
+    # x: [B, C, L_1..L_n, k_1..k_n] -> [B, C, k_1..k_n, L_1..L_n]
+    x = x.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))
+    batch, channels = x.shape[:2]
+    return x.reshape(batch, channels * math.prod(conv.kernel_size), -1)
+
+
+class _ConvSpec:
+    def __init__(self, module: nn.modules.conv._ConvNd, padding: tuple[int, ...]) -> None:
+        self.kernel_size = module.kernel_size
+        self.stride = module.stride
+        self.dilation = module.dilation
+        self.groups = module.groups
+        self.padding = padding
+
+
+class ConvUse(GradUse):
+    def __init__(
+        self, x: Tensor, g: Tensor, params: dict[str, Tensor], spec: _ConvSpec, weight: Tensor,
+        norm_method: str,
+    ) -> None:
+        batch = g.shape[0]
+        super().__init__(params, batch)
+        self.x, self.g, self.spec, self.weight_shape = x, g, spec, weight.shape
+        self._weight = weight
+        groups = spec.groups
+        self.g_grouped = g.reshape(batch, groups, g.shape[1] // groups, -1)  # [B, G, p, L]
+        p, positions = self.g_grouped.shape[2], self.g_grouped.shape[3]
+        d = weight.shape[1] * math.prod(spec.kernel_size)
+        self.method = choose_norm_method(batch * groups, positions, p, d, norm_method)
+        self._instantiated: Tensor | None = None
+
+    def _patches(self) -> Tensor:
+        u = unfold_patches(self.x, self.spec)  # [B, C_in * K, L]
+        return u.reshape(self.batch_size, self.spec.groups, -1, u.shape[-1])  # [B, G, d, L]
+
+    def _weight_per_example(self) -> Tensor:
+        if self._instantiated is None:
+            grads = torch.einsum("bgpl,bgdl->bgpd", self.g_grouped, self._patches())
+            self._instantiated = grads.reshape(self.batch_size, *self.weight_shape)
+        return self._instantiated
+
+    def norm_sq(self, name: str) -> Tensor:
+        if name == "bias":
+            return self.g.float().flatten(2).sum(2).pow(2).sum(1)
+        if self.method == "instantiate":
+            return self._weight_per_example().float().pow(2).flatten(1).sum(1)
+        g, u = self.g_grouped.float(), self._patches().float()
+        gram_g = torch.einsum("bgpl,bgpm->bglm", g, g)
+        gram_u = torch.einsum("bgdl,bgdm->bglm", u, u)
+        return (gram_g * gram_u).flatten(1).sum(1)
+
+    def per_example(self, name: str) -> Tensor:
+        if name == "bias":
+            return self.g.flatten(2).sum(2)
+        return self._weight_per_example()
+
+    def clipped_grad(self, name: str, scale: Tensor) -> Tensor:
+        if name == "bias":
+            return scale_rows(scale, self.g.flatten(2).sum(2)).sum(0)
+        if self._instantiated is not None:
+            return scale_rows(scale, self._instantiated).sum(0)
+        spec = self.spec
+        _, grad_weight, _ = torch.ops.aten.convolution_backward(
+            scale_rows(scale, self.g), rows_where(scale != 0, self.x), self._weight,
+            None, spec.stride, spec.padding, spec.dilation, False,
+            [0] * len(spec.kernel_size), spec.groups, [False, True, False],
+        )
+        return grad_weight
+
+
+class _ConvFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, site, spec: _ConvSpec, x: Tensor, weight: Tensor, bias: Tensor | None):
+        ctx.site, ctx.spec, ctx.weight, ctx.bias = site, spec, weight, bias
+        xc, wc, bc = cast_for_autocast(x, weight, bias)
+        with no_autocast(x.device.type):
+            out = torch.ops.aten.convolution(
+                xc, wc, bc, spec.stride, spec.padding, spec.dilation, False,
+                [0] * len(spec.kernel_size), spec.groups,
+            )
+        ctx.save_for_backward(xc, wc)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w = ctx.saved_tensors
+        spec = ctx.spec
+        grad_x = None
+        if ctx.needs_input_grad[2]:
+            grad_x, _, _ = torch.ops.aten.convolution_backward(
+                g, x, w, None, spec.stride, spec.padding, spec.dilation, False,
+                [0] * len(spec.kernel_size), spec.groups, [True, False, False],
+            )
+        params = {n: p for n, p in (("weight", ctx.weight), ("bias", ctx.bias)) if trainable(p)}
+        ctx.site.record(ConvUse(x, g, params, spec, w, ctx.site.options.norm_method))
+        return None, None, grad_x, None, None
+
+
+def _explicit_padding(module: nn.modules.conv._ConvNd, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """Apply non-zero padding modes and 'same' padding up front; return symmetric zero padding."""
+    n = len(module.kernel_size)
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return x, (0,) * n
+        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        pad = [p for t in reversed(totals) for p in (t // 2, t - t // 2)]
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        return F.pad(x, pad, mode=mode), (0,) * n
+    if module.padding_mode != "zeros":
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), (0,) * n
+    return x, tuple(module.padding)
+
+
+@rules.register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+class ConvRule(Rule):
+    handles = ("weight", "bias")
+
+    def forward(self, site, module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+        x, padding = _explicit_padding(module, x)
+        return _ConvFn.apply(site, _ConvSpec(module, padding), x, module.weight, module.bias)

@@ -1,0 +1,82 @@
+"""``nn.Embedding``: per-example norms from the gradient rows summed per distinct token.
+
+Example i's gradient has one row per distinct token id it contains, the sum of the output
+gradients at that id's positions: ``||G_i||^2 = sum_{t,t'} [id_t = id_t'] <g_t, g_t'>``. Summing
+rows per (example, id) pair costs B*T*d time and memory, never B*V*d.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_dp.rules.base import GradUse, Rule, scale_rows
+from lightning_dp.rules.registry import rules
+
+
+class EmbeddingUse(GradUse):
+    def __init__(self, ids: Tensor, g: Tensor, weight: Tensor, padding_idx: int | None) -> None:
+        batch = ids.shape[0]
+        super().__init__({"weight": weight}, batch)
+        self.num_embeddings = weight.shape[0]
+        ids = ids.reshape(batch, -1)
+        g = g.reshape(batch, ids.shape[1], -1)
+        keep = torch.ones_like(ids, dtype=torch.bool) if padding_idx is None else ids != padding_idx
+        self.example = torch.arange(batch, device=ids.device).unsqueeze(1).expand_as(ids)[keep]
+        self.ids = ids[keep]
+        self.g = g[keep]  # [tokens kept, d], row r belongs to example self.example[r]
+
+    def norm_sq(self, name: str) -> Tensor:
+        key = self.example * self.num_embeddings + self.ids
+        unique, inverse = torch.unique(key, return_inverse=True)
+        rows = self.g.new_zeros((unique.numel(), self.g.shape[1]), dtype=torch.float32)
+        rows.index_add_(0, inverse, self.g.float())
+        norm_sq = rows.new_zeros(self.batch_size)
+        return norm_sq.index_add_(0, unique // self.num_embeddings, rows.pow(2).sum(1))
+
+    def per_example(self, name: str) -> Tensor:
+        grads = self.g.new_zeros((self.batch_size, self.num_embeddings, self.g.shape[1]))
+        return grads.index_put_((self.example, self.ids), self.g, accumulate=True)
+
+    def clipped_grad(self, name: str, scale: Tensor) -> Tensor:
+        rows = scale_rows(scale[self.example], self.g)
+        grad = rows.new_zeros((self.num_embeddings, self.g.shape[1]))
+        return grad.index_add_(0, self.ids, rows)
+
+
+class _EmbeddingFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, site, module: nn.Embedding, ids: Tensor, weight: Tensor):
+        ctx.site, ctx.weight, ctx.padding_idx = site, weight, module.padding_idx
+        ctx.save_for_backward(ids)
+        return F.embedding(
+            ids, weight, module.padding_idx, module.max_norm, module.norm_type, False, False
+        )
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (ids,) = ctx.saved_tensors
+        ctx.site.record(EmbeddingUse(ids, g, ctx.weight, ctx.padding_idx))
+        return None, None, None, None
+
+
+@rules.register(nn.Embedding)
+class EmbeddingRule(Rule):
+    handles = ("weight", "bias")
+
+    def validate(self, module: nn.Embedding, path: str) -> None:
+        if module.scale_grad_by_freq:
+            raise ValueError(
+                f"`{path}` is an nn.Embedding with scale_grad_by_freq=True, which scales each "
+                "example's gradient by token counts over the whole batch and so mixes examples; "
+                "set scale_grad_by_freq=False."
+            )
+        if module.sparse:
+            raise ValueError(
+                f"`{path}` is an nn.Embedding with sparse=True; lightning-dp writes dense clipped "
+                "gradients (noise makes every row dense anyway). Set sparse=False."
+            )
+
+    def forward(self, site, module: nn.Embedding, ids: Tensor) -> Tensor:
+        return _EmbeddingFn.apply(site, module, ids, module.weight)

@@ -1,0 +1,154 @@
+"""The ``torch.func`` fallback: per-example gradients by ``vmap`` of a per-example VJP.
+
+For a module without a dedicated rule (or a bare ``nn.Parameter`` used in a module's own
+forward, such as a class token or position embedding), the forward runs as usual with its
+direct parameters passed through an identity *tap*, and its outputs through another tap that
+records their gradient. When the parameter tap's backward runs, every output gradient is known,
+so the module's forward is re-run per example under ``vmap`` and differentiated with
+``torch.func.vjp`` with respect to those parameters only. The per-example gradients are
+instantiated (B copies of the parameters), which is cheap for the small parameters this is
+meant for. Cost: one extra forward and backward of the module; children with rules of their
+own run plain in that recomputation. Randomness (dropout) in the recomputation is drawn afresh
+per example: privacy is unaffected, the recomputed gradient just uses another mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from lightning_dp.rules.base import GradUse, Rule, scale_rows
+
+
+class FallbackUse(GradUse):
+    def __init__(self, params: dict[str, Tensor], grads: dict[str, Tensor], batch_size: int):
+        super().__init__(params, batch_size)
+        self.grads = grads
+
+    def per_example(self, name: str) -> Tensor:
+        return self.grads[name]
+
+    def clipped_grad(self, name: str, scale: Tensor) -> Tensor:
+        return scale_rows(scale, self.grads[name]).sum(0)
+
+
+class _Call:
+    """One call of a fallback module: its inputs, output gradients, and how to recompute."""
+
+    def __init__(self, site, names: list[str], args: tuple, kwargs: dict, batch_dim: int):
+        self.site, self.names, self.batch_dim = site, names, batch_dim
+        self.inputs, self.input_spec = tree_flatten((args, kwargs))
+        self.inputs = [t.detach() if isinstance(t, Tensor) else t for t in self.inputs]
+        self.batch_size = _batch_size(self.inputs, batch_dim)
+        self.output_grads: tuple[Tensor, ...] | None = None
+        self.output_positions: list[int] = []
+
+    def per_example_grads(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        site, bd, batch = self.site, self.batch_dim, self.batch_size
+        batched = [isinstance(t, Tensor) and t.dim() > bd and t.shape[bd] == batch for t in self.inputs]
+        tensors = [t for t, b in zip(self.inputs, batched) if b]
+
+        def one_example(example_tensors: list[Tensor], output_grads: tuple[Tensor, ...]):
+            it = iter(example_tensors)
+            leaves = [next(it).unsqueeze(bd) if b else t for t, b in zip(self.inputs, batched)]
+            args, kwargs = tree_unflatten(leaves, self.input_spec)
+
+            def forward(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
+                out = functional_call(site.module, p, args, kwargs, strict=False)
+                leaves = tree_flatten(out)[0]
+                return tuple(leaves[i].squeeze(bd) for i in self.output_positions)
+
+            _, pullback = vjp(forward, params)
+            return pullback(output_grads)[0]
+
+        with site.clipper.disabled(), torch.enable_grad():
+            return vmap(one_example, in_dims=(bd, bd), randomness="different")(
+                tensors, self.output_grads
+            )
+
+
+def _batch_size(leaves: list[Any], batch_dim: int) -> int:
+    for leaf in leaves:
+        if isinstance(leaf, Tensor) and leaf.dim() > batch_dim:
+            return leaf.shape[batch_dim]
+    raise ValueError("the torch.func fallback needs at least one batched tensor input")
+
+
+class _ParamTap(torch.autograd.Function):
+    """Identity on the module's parameters; its backward computes their per-example grads."""
+
+    @staticmethod
+    def forward(ctx, call: _Call, *params: Tensor):
+        ctx.call, ctx.params = call, params
+        return tuple(p.view_as(p) for p in params)
+
+    @staticmethod
+    def backward(ctx, *_summed_grads: Tensor):
+        call = ctx.call
+        if call.output_grads is None:
+            raise RuntimeError(
+                f"`{call.site.path}`: its parameters received a gradient through a path that does "
+                "not pass through the module's outputs; the torch.func fallback cannot attribute "
+                "it to examples."
+            )
+        params = dict(zip(call.names, ctx.params))
+        detached = {n: p.detach() for n, p in params.items()}
+        grads = call.per_example_grads(detached)
+        call.site.record(FallbackUse(params, grads, call.batch_size))
+        return (None,) + (None,) * len(ctx.params)
+
+
+class _OutputTap(torch.autograd.Function):
+    """Identity on the module's tensor outputs; its backward records their gradients."""
+
+    @staticmethod
+    def forward(ctx, call: _Call, *outputs: Tensor):
+        ctx.call = call
+        return tuple(o.view_as(o) for o in outputs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        ctx.call.output_grads = grads
+        return (None,) + grads
+
+
+def _get_owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    *path, leaf = name.split(".")
+    for part in path:
+        module = getattr(module, part)
+    return module, leaf
+
+
+class FuncFallbackRule(Rule):
+    """Per-example gradients of a module's own parameters by ``vmap`` + ``vjp`` recomputation."""
+
+    def __init__(self, covers_subtree: bool = False) -> None:
+        self.covers_subtree = covers_subtree
+
+    def batch_dim(self, module: nn.Module) -> int:
+        return 0
+
+    def forward(self, site, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        names = list(site.param_keys)
+        call = _Call(site, names, args, kwargs, self.batch_dim(module))
+        params = [module.get_parameter(n) for n in names]
+        tapped = _ParamTap.apply(call, *params)
+        owners = [_get_owner(module, n) for n in names]
+        for (owner, leaf), t in zip(owners, tapped):
+            owner._parameters[leaf] = t  # the forward below sees the tapped tensors
+        try:
+            out = site.original_forward(*args, **kwargs)
+        finally:
+            for (owner, leaf), p in zip(owners, params):
+                owner._parameters[leaf] = p
+        leaves, spec = tree_flatten(out)
+        positions = [i for i, o in enumerate(leaves) if isinstance(o, Tensor) and o.requires_grad]
+        call.output_positions = positions
+        tapped_out = _OutputTap.apply(call, *(leaves[i] for i in positions))
+        for i, o in zip(positions, tapped_out):
+            leaves[i] = o
+        return tree_unflatten(leaves, spec)

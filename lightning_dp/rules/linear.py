@@ -1,0 +1,129 @@
+"""``nn.Linear`` (and GPT-2's ``Conv1D``): ghost norm or instantiation, chosen by shape.
+
+For ``y = x W^T + b`` with ``x`` [B, T, d] and output gradient ``g`` [B, T, p], example i's
+weight gradient is ``G_i = g_i^T x_i``. Its norm comes either from instantiating ``G_i``
+(cost B*T*p*d, memory B*p*d) or from the ghost identity ``||G_i||^2 = <g_i g_i^T, x_i x_i^T>``
+(cost B*T^2*(p+d), memory B*T^2). The clipped gradient is ``(c * g)^T x``: the output-gradient
+rows are scaled and the ordinary weight-gradient matmul runs once.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_dp.rules._autocast import cast_for_autocast, no_autocast
+from lightning_dp.rules.base import GradUse, Rule, rows_where, scale_rows, trainable
+from lightning_dp.rules.registry import rules
+
+NormMethod = Literal["auto", "ghost", "instantiate"]
+
+#: Instantiate per-example weight gradients only while they fit in this many elements.
+INSTANTIATE_MAX_NUMEL = 2**26
+
+
+def choose_norm_method(batch: int, tokens: int, p: int, d: int, method: NormMethod) -> str:
+    """Ghost norm when it is cheaper than instantiation (2*T^2 < p*d), as DESIGN §3 derives."""
+    if method != "auto":
+        return method
+    if tokens == 1:
+        return "ghost"  # ||g_i||^2 * ||x_i||^2: trivially cheap
+    if 2 * tokens * tokens < p * d or batch * p * d > INSTANTIATE_MAX_NUMEL:
+        return "ghost"
+    return "instantiate"
+
+
+class LinearUse(GradUse):
+    """Factors ``x`` [B, T, d] and ``g`` [B, T, p] of one linear call."""
+
+    def __init__(
+        self,
+        x: Tensor,
+        g: Tensor,
+        params: dict[str, Tensor],
+        *,
+        transposed: bool,
+        norm_method: NormMethod,
+    ) -> None:
+        batch = g.shape[0]
+        super().__init__(params, batch)
+        self.x = x.reshape(batch, -1, x.shape[-1]) if x is not None else None
+        self.g = g.reshape(batch, -1, g.shape[-1])
+        self.transposed = transposed  # GPT-2 Conv1D stores W as [d, p]
+        tokens, p = self.g.shape[1], self.g.shape[2]
+        d = self.x.shape[2] if self.x is not None else 0
+        self.method = choose_norm_method(batch, tokens, p, d, norm_method)
+        self._instantiated: Tensor | None = None
+
+    def _weight_per_example(self) -> Tensor:
+        if self._instantiated is None:
+            self._instantiated = torch.bmm(self.g.transpose(1, 2), self.x)  # [B, p, d]
+        return self._instantiated
+
+    def norm_sq(self, name: str) -> Tensor:
+        if name == "bias":
+            return self.g.float().sum(1).pow(2).sum(1)
+        if self.method == "instantiate":
+            return self._weight_per_example().float().pow(2).sum((1, 2))
+        g, x = self.g.float(), self.x.float()
+        if g.shape[1] == 1:
+            return g.pow(2).sum((1, 2)) * x.pow(2).sum((1, 2))
+        return (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(x, x.transpose(1, 2))).sum((1, 2))
+
+    def per_example(self, name: str) -> Tensor:
+        if name == "bias":
+            return self.g.sum(1)
+        grads = self._weight_per_example()
+        return grads.transpose(1, 2) if self.transposed else grads
+
+    def clipped_grad(self, name: str, scale: Tensor) -> Tensor:
+        if name == "bias":
+            return scale_rows(scale, self.g.sum(1)).sum(0)
+        if self._instantiated is not None:
+            grad = scale_rows(scale, self._instantiated).sum(0)
+        else:
+            g = scale_rows(scale, self.g).flatten(0, 1)
+            x = rows_where(scale != 0, self.x).flatten(0, 1)
+            grad = g.t().mm(x)
+        return grad.t() if self.transposed else grad
+
+
+class _LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, site, transposed: bool, x: Tensor, weight: Tensor, bias: Tensor | None):
+        ctx.site, ctx.transposed = site, transposed
+        ctx.weight, ctx.bias = weight, bias
+        xc, wc, bc = cast_for_autocast(x, weight, bias)
+        with no_autocast(x.device.type):
+            out = F.linear(xc, wc.t() if transposed else wc, bc)
+        ctx.save_for_backward(xc if trainable(weight) else None, wc)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[2]:
+            grad_x = g.matmul(w.t() if ctx.transposed else w)
+        params = {n: p for n, p in (("weight", ctx.weight), ("bias", ctx.bias)) if trainable(p)}
+        site = ctx.site
+        site.record(
+            LinearUse(x, g, params, transposed=ctx.transposed, norm_method=site.options.norm_method)
+        )
+        return None, None, grad_x, None, None
+
+
+def linear(site, x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool = False) -> Tensor:
+    """``F.linear`` whose parameter gradients go to ``site``'s clipper, clipped per example."""
+    return _LinearFn.apply(site, transposed, x, weight, bias)
+
+
+@rules.register(nn.Linear)
+class LinearRule(Rule):
+    handles = ("weight", "bias")
+
+    def forward(self, site, module: nn.Linear, x: Tensor) -> Tensor:
+        return linear(site, x, module.weight, module.bias)
