@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_dp.engine.clip_fns import CLIP_FNS
-from lightning_dp.rules.base import GradUse, Rule
+from lightning_dp.rules.base import GradUse, Rule, upcast
 
 
 @dataclass
@@ -162,7 +162,7 @@ class Clipper:
                 use, local = calls[0]
                 term = use.norm_sq(local)
             else:
-                summed = sum(use.per_example(local).float() for use, local in calls)
+                summed = sum(upcast(use.per_example(local)) for use, local in calls)
                 term = summed.pow(2).flatten(1).sum(1)
             norm_sq = term if norm_sq is None else norm_sq + term
         norms = norm_sq.sqrt()

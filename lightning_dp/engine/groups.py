@@ -73,15 +73,24 @@ def custom_groups(
     params: list[str],
     aliases: dict[str, str],
 ) -> dict[str, list[str]]:
-    """Groups given as parameter-name prefixes; every trainable parameter in exactly one."""
+    """Groups given as parameter-name prefixes; every trainable parameter in exactly one.
+
+    A tied parameter is matched by its canonical name (its first name in ``named_parameters``);
+    its other names are consulted only when the canonical one matches no group.
+    """
     named = dict(spec) if isinstance(spec, Mapping) else {",".join(p): p for p in spec}
     groups: dict[str, list[str]] = {name: [] for name in named}
-    for param in params:
-        names = [param] + [alias for alias, canon in aliases.items() if canon == param]
-        hits = [
+
+    def matching(name: str) -> list[str]:
+        return [
             group for group, prefixes in named.items()
-            if any(n == pre or n.startswith(pre + ".") for n in names for pre in prefixes)
+            if any(name == pre or name.startswith(pre + ".") for pre in prefixes)
         ]
+
+    for param in params:
+        hits = matching(param)
+        for alias in (a for a, canon in aliases.items() if canon == param and not hits):
+            hits = matching(alias)
         if len(hits) > 1:
             raise ValueError(
                 f"clipping: parameter {param!r} matches several groups {hits}; groups must be "

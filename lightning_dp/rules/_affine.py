@@ -21,10 +21,10 @@ class AffineUse(GradUse):
 
     def _reduce(self, t: Tensor) -> Tensor:
         """Sum a [B, ...] tensor down to the per-example parameter shape [B, *param.shape]."""
-        batch = t.shape[0]
         if self.channel_dim is None:  # parameter spans the trailing dims (LayerNorm, RMSNorm)
-            return t.reshape(batch, -1, *self.shape).sum(1)
-        return t.reshape(batch, t.shape[1], -1).sum(2)  # per channel (GroupNorm)
+            leading = t.dim() - len(self.shape)
+            return t.flatten(1, leading - 1).sum(1) if leading > 1 else t
+        return t.flatten(2).sum(2) if t.dim() > 2 else t  # per channel (GroupNorm)
 
     def per_example(self, name: str) -> Tensor:
         if name == "bias":

@@ -27,7 +27,7 @@ class GradUse:
 
     def norm_sq(self, name: str) -> Tensor:
         """Per-example squared L2 norm of parameter ``name``'s gradient, float32, shape [B]."""
-        return self.per_example(name).float().pow(2).flatten(1).sum(1)
+        return upcast(self.per_example(name)).pow(2).flatten(1).sum(1)
 
     def per_example(self, name: str) -> Tensor:
         """Per-example gradients of ``name``, shape [B, *param.shape] (used for shared params)."""
@@ -59,6 +59,16 @@ class Rule:
     def forward(self, site: Site, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """The module's forward, routed through the rule's DP primitive."""
         raise NotImplementedError
+
+
+def as_tokens(tensor: Tensor) -> Tensor:
+    """[B, ..., d] -> [B, T, d] (T = 1 for [B, d]), without ``-1`` so that B = 0 works."""
+    return tensor.unsqueeze(1) if tensor.dim() == 2 else tensor.flatten(1, -2)
+
+
+def upcast(tensor: Tensor) -> Tensor:
+    """At least float32, for norm accumulation under bf16/fp16 (float64 stays float64)."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
 def trainable(tensor: Tensor | None) -> bool:

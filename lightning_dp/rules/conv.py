@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_dp.rules._autocast import cast_for_autocast, no_autocast
-from lightning_dp.rules.base import GradUse, Rule, rows_where, scale_rows, trainable
+from lightning_dp.rules.base import GradUse, Rule, upcast, rows_where, scale_rows, trainable
 from lightning_dp.rules.linear import choose_norm_method
 from lightning_dp.rules.registry import rules
 
@@ -30,8 +30,7 @@ def unfold_patches(x: Tensor, conv: _ConvSpec) -> Tensor:
         x = x.unfold(2 + i, span, conv.stride[i])[..., :: conv.dilation[i]]
     # x: [B, C, L_1..L_n, k_1..k_n] -> [B, C, k_1..k_n, L_1..L_n]
     x = x.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))
-    batch, channels = x.shape[:2]
-    return x.reshape(batch, channels * math.prod(conv.kernel_size), -1)
+    return x.flatten(2 + n).flatten(1, 1 + n)
 
 
 class _ConvSpec:
@@ -53,7 +52,7 @@ class ConvUse(GradUse):
         self.x, self.g, self.spec, self.weight_shape = x, g, spec, weight.shape
         self._weight = weight
         groups = spec.groups
-        self.g_grouped = g.reshape(batch, groups, g.shape[1] // groups, -1)  # [B, G, p, L]
+        self.g_grouped = g.flatten(2).unflatten(1, (groups, g.shape[1] // groups))  # [B, G, p, L]
         p, positions = self.g_grouped.shape[2], self.g_grouped.shape[3]
         d = weight.shape[1] * math.prod(spec.kernel_size)
         self.method = choose_norm_method(batch * groups, positions, p, d, norm_method)
@@ -61,7 +60,8 @@ class ConvUse(GradUse):
 
     def _patches(self) -> Tensor:
         u = unfold_patches(self.x, self.spec)  # [B, C_in * K, L]
-        return u.reshape(self.batch_size, self.spec.groups, -1, u.shape[-1])  # [B, G, d, L]
+        groups = self.spec.groups
+        return u.unflatten(1, (groups, u.shape[1] // groups))  # [B, G, d, L]
 
     def _weight_per_example(self) -> Tensor:
         if self._instantiated is None:
@@ -71,10 +71,10 @@ class ConvUse(GradUse):
 
     def norm_sq(self, name: str) -> Tensor:
         if name == "bias":
-            return self.g.float().flatten(2).sum(2).pow(2).sum(1)
+            return upcast(self.g).flatten(2).sum(2).pow(2).sum(1)
         if self.method == "instantiate":
-            return self._weight_per_example().float().pow(2).flatten(1).sum(1)
-        g, u = self.g_grouped.float(), self._patches().float()
+            return upcast(self._weight_per_example()).pow(2).flatten(1).sum(1)
+        g, u = upcast(self.g_grouped), upcast(self._patches())
         gram_g = torch.einsum("bgpl,bgpm->bglm", g, g)
         gram_u = torch.einsum("bgdl,bgdm->bglm", u, u)
         return (gram_g * gram_u).flatten(1).sum(1)

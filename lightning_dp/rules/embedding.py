@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dp.rules.base import GradUse, Rule, scale_rows
+from lightning_dp.rules.base import GradUse, Rule, scale_rows, upcast
 from lightning_dp.rules.registry import rules
 
 
@@ -20,8 +20,8 @@ class EmbeddingUse(GradUse):
         batch = ids.shape[0]
         super().__init__({"weight": weight}, batch)
         self.num_embeddings = weight.shape[0]
-        ids = ids.reshape(batch, -1)
-        g = g.reshape(batch, ids.shape[1], -1)
+        ids = ids.flatten(1) if ids.dim() > 1 else ids.unsqueeze(1)
+        g = g.reshape(*ids.shape, g.shape[-1])
         keep = torch.ones_like(ids, dtype=torch.bool) if padding_idx is None else ids != padding_idx
         self.example = torch.arange(batch, device=ids.device).unsqueeze(1).expand_as(ids)[keep]
         self.ids = ids[keep]
@@ -30,8 +30,8 @@ class EmbeddingUse(GradUse):
     def norm_sq(self, name: str) -> Tensor:
         key = self.example * self.num_embeddings + self.ids
         unique, inverse = torch.unique(key, return_inverse=True)
-        rows = self.g.new_zeros((unique.numel(), self.g.shape[1]), dtype=torch.float32)
-        rows.index_add_(0, inverse, self.g.float())
+        rows = self.g.new_zeros((unique.numel(), self.g.shape[1]), dtype=upcast(self.g).dtype)
+        rows.index_add_(0, inverse, upcast(self.g))
         norm_sq = rows.new_zeros(self.batch_size)
         return norm_sq.index_add_(0, unique // self.num_embeddings, rows.pow(2).sum(1))
 

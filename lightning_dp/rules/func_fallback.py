@@ -49,6 +49,8 @@ class _Call:
 
     def per_example_grads(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         site, bd, batch = self.site, self.batch_dim, self.batch_size
+        if batch == 0:  # vmap cannot map over an empty dimension
+            return {n: p.new_zeros((0, *p.shape)) for n, p in params.items()}
         batched = [isinstance(t, Tensor) and t.dim() > bd and t.shape[bd] == batch for t in self.inputs]
         tensors = [t for t, b in zip(self.inputs, batched) if b]
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_dp.rules._autocast import cast_for_autocast, no_autocast
-from lightning_dp.rules.base import GradUse, Rule, rows_where, scale_rows, trainable
+from lightning_dp.rules.base import GradUse, Rule, as_tokens, upcast, rows_where, scale_rows, trainable
 from lightning_dp.rules.registry import rules
 
 NormMethod = Literal["auto", "ghost", "instantiate"]
@@ -50,8 +50,8 @@ class LinearUse(GradUse):
     ) -> None:
         batch = g.shape[0]
         super().__init__(params, batch)
-        self.x = x.reshape(batch, -1, x.shape[-1]) if x is not None else None
-        self.g = g.reshape(batch, -1, g.shape[-1])
+        self.x = as_tokens(x) if x is not None else None
+        self.g = as_tokens(g)
         self.transposed = transposed  # GPT-2 Conv1D stores W as [d, p]
         tokens, p = self.g.shape[1], self.g.shape[2]
         d = self.x.shape[2] if self.x is not None else 0
@@ -65,10 +65,10 @@ class LinearUse(GradUse):
 
     def norm_sq(self, name: str) -> Tensor:
         if name == "bias":
-            return self.g.float().sum(1).pow(2).sum(1)
+            return upcast(self.g).sum(1).pow(2).sum(1)
         if self.method == "instantiate":
-            return self._weight_per_example().float().pow(2).sum((1, 2))
-        g, x = self.g.float(), self.x.float()
+            return upcast(self._weight_per_example()).pow(2).sum((1, 2))
+        g, x = upcast(self.g), upcast(self.x)
         if g.shape[1] == 1:
             return g.pow(2).sum((1, 2)) * x.pow(2).sum((1, 2))
         return (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(x, x.transpose(1, 2))).sum((1, 2))
