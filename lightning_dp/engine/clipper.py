@@ -62,6 +62,7 @@ class Site:
     #: local parameter name -> canonical (deduplicated) parameter name in the model
     param_keys: dict[str, str]
     original_forward: object = None
+    shadowed_forward: bool = False
     groups: list[str] = field(default_factory=list)
 
     @property

@@ -7,6 +7,7 @@ module's forward through its rule and guard every parameter against non-private 
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -42,8 +43,24 @@ class PrivacyLeakError(RuntimeError):
 class PrivateState:
     clipper: Clipper
     sites: list[Site]
-    hooks: list[Any] = field(default_factory=list)
+    params: dict[str, Tensor]
     clipping: Any = None
+    hooks: list[Any] = field(default_factory=list)
+
+    def guard(self) -> None:
+        """Arm the leak guard on every trainable parameter."""
+        self.hooks = [p.register_hook(_leak_guard(n)) for n, p in self.params.items()]
+
+    def __deepcopy__(self, memo: dict) -> PrivateState:
+        # Tensor hooks are not copied with tensors: re-arm the guard on the copied parameters.
+        copied = PrivateState(
+            clipper=copy.deepcopy(self.clipper, memo),
+            sites=copy.deepcopy(self.sites, memo),
+            params=copy.deepcopy(self.params, memo),
+            clipping=copy.deepcopy(self.clipping, memo),
+        )
+        copied.guard()
+        return copied
 
 
 def make_private(
@@ -99,15 +116,14 @@ def make_private(
     groups = _resolve_groups(model, clipping, planned, trainable, aliases)
     clipper = Clipper(with_thresholds(groups, max_grad_norm), clip_fn, gamma, EngineOptions(norm_method))
 
-    state = PrivateState(clipper=clipper, sites=[], clipping=clipping)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    state = PrivateState(clipper=clipper, sites=[], params=params, clipping=clipping)
     for path, module, rule, keys in planned:
         site = Site(path=path, module=module, rule=rule, clipper=clipper, param_keys=keys)
         site.groups = sorted({clipper.group_of[k] for k in keys.values()})
         _route_forward(site)
         state.sites.append(site)
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            state.hooks.append(param.register_hook(_leak_guard(name)))
+    state.guard()
     setattr(model, _STATE, state)
     return model
 
@@ -117,7 +133,7 @@ def strip_private(model: nn.Module) -> nn.Module:
     state = _state(model)
     for site in state.sites:
         del site.module.forward  # the instance attribute set by _route_forward
-        if site.original_forward is not getattr(site.module, "forward"):
+        if site.shadowed_forward:  # the module already had an instance-level forward
             site.module.forward = site.original_forward
     for hook in state.hooks:
         hook.remove()
@@ -242,17 +258,28 @@ def _resolve_groups(model, clipping, planned, trainable, aliases) -> dict[str, l
     return custom_groups(clipping, trainable, aliases)
 
 
-def _route_forward(site: Site) -> None:
-    module, rule = site.module, site.rule
-    site.original_forward = module.forward
+class _PrivateForward:
+    """The forward installed on a module: its rule while training, the original otherwise.
 
-    def dp_forward(*args: Any, **kwargs: Any) -> Any:
+    An object rather than a closure so that ``copy.deepcopy`` of a private model copies the
+    site along with the module, and the copy computes with its own parameters.
+    """
+
+    def __init__(self, site: Site) -> None:
+        self.site = site
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        site = self.site
         if not site.active():
             return site.original_forward(*args, **kwargs)
         site.begin()
-        return rule.forward(site, module, *args, **kwargs)
+        return site.rule.forward(site, site.module, *args, **kwargs)
 
-    module.forward = dp_forward
+
+def _route_forward(site: Site) -> None:
+    site.shadowed_forward = "forward" in vars(site.module)
+    site.original_forward = site.module.forward
+    site.module.forward = _PrivateForward(site)
 
 
 def _leak_guard(name: str):

@@ -13,24 +13,36 @@ if TYPE_CHECKING:
 R = TypeVar("R", bound="type[Rule]")
 
 
+ModuleKey = type[nn.Module] | str
+
+
+def _dotted(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 class RuleRegistry:
-    """Module type -> rule, looked up along ``type(module).__mro__`` so subclasses are covered."""
+    """Module type -> rule, looked up along ``type(module).__mro__`` so subclasses are covered.
+
+    A type may also be registered by its dotted name (``"transformers.pytorch_utils.Conv1D"``),
+    so that optional libraries are never imported just to register a rule for them.
+    """
 
     def __init__(self) -> None:
-        self._rules: dict[type[nn.Module], Rule] = {}
+        self._rules: dict[str, Rule] = {}
 
-    def register(self, *module_types: type[nn.Module], override: bool = False) -> Callable[[R], R]:
+    def register(self, *module_types: ModuleKey, override: bool = False) -> Callable[[R], R]:
         """Class decorator: ``@rules.register(nn.Linear)`` registers an instance of the rule."""
 
         def decorate(rule_cls: R) -> R:
             for module_type in module_types:
-                if module_type in self._rules and not override:
+                key = module_type if isinstance(module_type, str) else _dotted(module_type)
+                if key in self._rules and not override:
                     raise ValueError(
-                        f"A per-example rule for {module_type.__qualname__} is already registered "
-                        f"({type(self._rules[module_type]).__qualname__}); pass override=True to "
+                        f"A per-example rule for {key} is already registered "
+                        f"({type(self._rules[key]).__qualname__}); pass override=True to "
                         "rules.register(...) to replace it."
                     )
-                self._rules[module_type] = rule_cls()
+                self._rules[key] = rule_cls()
             return rule_cls
 
         return decorate
@@ -38,13 +50,14 @@ class RuleRegistry:
     def lookup(self, module: nn.Module) -> Rule | None:
         """The rule of the nearest registered class in the module's MRO, or None."""
         for cls in type(module).__mro__:
-            rule = self._rules.get(cls)
+            rule = self._rules.get(_dotted(cls))
             if rule is not None:
                 return rule
         return None
 
     def registered_types(self) -> list[str]:
-        return sorted(t.__qualname__ for t in self._rules)
+        """Registered class names (without their module)."""
+        return sorted(key.rsplit(".", 1)[-1] for key in self._rules)
 
 
 rules = RuleRegistry()

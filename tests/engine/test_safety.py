@@ -1,0 +1,104 @@
+"""No gradient leaves without clipping; strip_private restores the plain model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_dp as ldp
+
+
+def test_parameter_used_outside_its_module_is_caught():
+    model = ldp.make_private(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1)))
+    x = torch.randn(4, 3)
+    loss = model(x).sum() + model[0].weight.pow(2).sum()
+    with pytest.raises(ldp.PrivacyLeakError, match=r"`0.weight` received a gradient that bypassed"):
+        loss.backward()
+
+
+def test_multihead_attention_functional_use_of_out_proj_is_covered():
+    """MHA reads out_proj.weight functionally; a per-module rule would leak it."""
+    mha = nn.MultiheadAttention(4, 2, batch_first=True)
+    model = ldp.make_private(nn.ModuleDict({"mha": mha}))
+    x = torch.randn(3, 5, 4)
+    mha(x, x, x)[0].sum().backward()  # no PrivacyLeakError
+    assert mha.out_proj.weight.grad is not None
+
+
+def test_strip_private_restores_plain_gradients():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    model = copy.deepcopy(plain)
+    ldp.make_private(model, max_grad_norm=1e-3)
+    x = torch.randn(5, 3)
+    ldp.strip_private(model)
+    assert not hasattr(model[0], "_lightning_dp_state") and "forward" not in vars(model[0])
+    model(x).sum().backward()
+    plain(x).sum().backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    ldp.make_private(model)  # can be made private again
+
+
+def test_no_grad_forward_runs_plain_and_charges_nothing():
+    model = ldp.make_private(nn.Linear(3, 2))
+    with torch.no_grad():
+        model(torch.randn(4, 3))
+    model(torch.randn(2, 3)).sum().backward()
+    assert ldp.group_norms(model)["(root)"].shape == (2,)
+
+
+def test_forward_without_backward_does_not_corrupt_the_next_step():
+    torch.manual_seed(0)
+    model = ldp.make_private(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1)), max_grad_norm=0.1)
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 3)
+    model(torch.randn(6, 3))  # discarded forward (e.g. a metric computed with grad on)
+    model(x).sum().backward()
+    reference(x).sum().backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    for norms in ldp.group_norms(model).values():
+        assert norms.shape == (4,)
+
+
+def test_module_applied_twice_sums_both_uses_per_example():
+    """A weight reached twice per example: its per-example gradient is the sum of both uses."""
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 3).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+
+    def loss_fn(m, inp):
+        return m(torch.tanh(m(inp))).pow(2).sum()
+
+    per_example = []
+    for i in range(4):
+        layer.zero_grad()
+        loss_fn(layer, x[i : i + 1]).backward()
+        per_example.append(torch.cat([layer.weight.grad.flatten(), layer.bias.grad]))
+    norms = torch.stack([g.norm() for g in per_example])
+    threshold = float(norms.median())
+    expected = sum(g * min(1.0, threshold / (float(g.norm()) + 1e-6)) for g in per_example)
+
+    private = ldp.make_private(copy.deepcopy(layer), max_grad_norm=threshold)
+    loss_fn(private, x).backward()
+    got = torch.cat([private.weight.grad.flatten(), private.bias.grad])
+    torch.testing.assert_close(ldp.group_norms(private)["(root)"], norms)
+    torch.testing.assert_close(got, expected)
+
+
+def test_deepcopy_gives_an_independent_private_model_with_its_guard():
+    torch.manual_seed(0)
+    model = ldp.make_private(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1)), max_grad_norm=0.1)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin[0].weight.add_(1.0)
+    x = torch.randn(4, 3)
+    twin(x).sum().backward()
+    assert model[0].weight.grad is None  # the copy computed with its own parameters
+    assert twin[0].weight.grad is not None
+    with pytest.raises(ldp.PrivacyLeakError):
+        (twin(x).sum() + twin[1].weight.sum()).backward()

@@ -1,0 +1,104 @@
+"""Bad models and bad options are refused before anything runs, with the module and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_dp as ldp
+
+
+class MyBatchNorm(nn.BatchNorm1d):
+    pass
+
+
+class NoRule(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.w
+
+
+class LinearWithExtra(nn.Linear):
+    def __init__(self) -> None:
+        super().__init__(3, 3)
+        self.gate = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return super().forward(x) * self.gate
+
+
+@pytest.mark.parametrize(
+    ("layer", "match"),
+    [
+        (nn.BatchNorm1d(3), r"`1` is a BatchNorm1d.*GroupNorm or LayerNorm"),
+        (MyBatchNorm(3), r"`1` is a MyBatchNorm.*GroupNorm"),
+        (nn.SyncBatchNorm(3), r"SyncBatchNorm"),
+        (nn.BatchNorm1d(3, affine=False), r"BatchNorm1d"),
+        (nn.InstanceNorm1d(3, track_running_stats=True), r"track_running_stats=False"),
+        (nn.Embedding(3, 3, scale_grad_by_freq=True), r"scale_grad_by_freq=False"),
+        (nn.Embedding(3, 3, sparse=True), r"sparse=False"),
+        (nn.MultiheadAttention(3, 1), r"batch_first=True"),
+    ],
+)
+def test_cross_example_and_unsupported_layers_are_refused(layer, match):
+    model = nn.Sequential(nn.Linear(3, 3), layer)
+    with pytest.raises(ValueError, match=match):
+        ldp.make_private(model)
+
+
+def test_module_without_a_rule_is_named_with_the_fixes():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(NoRule()))
+    with pytest.raises(ValueError) as info:
+        ldp.make_private(model)
+    message = str(info.value)
+    assert "`1.0` (NoRule): ['w']" in message
+    assert "Linear" in message and "fallback=True" in message and "requires_grad_(False)" in message
+
+
+def test_subclass_adding_parameters_is_not_silently_treated_as_its_base():
+    with pytest.raises(ValueError, match=r"LinearWithExtra\): \['gate'\]"):
+        ldp.make_private(nn.Sequential(LinearWithExtra()))
+    ldp.make_private(nn.Sequential(LinearWithExtra()), fallback=True)  # accepted when asked
+
+
+def test_frozen_module_without_a_rule_costs_nothing():
+    model = nn.Sequential(nn.Linear(3, 3), NoRule().requires_grad_(False))
+    ldp.make_private(model)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"clipping": "global"}, r"clipping='global' is not one of"),
+        ({"clip_fn": "soft"}, r"clip_fn='soft' is not one of"),
+        ({"norm_method": "fast"}, r"norm_method='fast'"),
+        ({"gamma": 0.0}, r"gamma is 0.0"),
+        ({"max_grad_norm": -1.0}, r"threshold of group .* is -1.0"),
+        ({"max_grad_norm": float("nan")}, r"positive finite"),
+        ({"max_grad_norm": {"0": 1.0}}, r"missing \['2'\]"),
+        ({"max_grad_norm": {"0": 1.0, "2": 1.0, "9": 1.0}}, r"unknown \['9'\]"),
+        ({"clipping": [["0"], ["0.weight", "2"]]}, r"'0.weight' matches several groups"),
+        ({"clipping": [["0"]]}, r"'2.weight' matches no group"),
+        ({"clipping": [["0"], ["2"], ["5"]]}, r"groups \['5'\] match no trainable parameter"),
+    ],
+)
+def test_bad_options_are_refused(kwargs, match):
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=match):
+        ldp.make_private(model, **kwargs)
+
+
+def test_thresholds_per_group_by_name():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    ldp.make_private(model, max_grad_norm={"0": 0.5, "2": 2.0})
+    assert ldp.group_thresholds(model) == {"0": 0.5, "2": 2.0}
+
+
+def test_making_private_twice_is_refused():
+    model = ldp.make_private(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="strip_private"):
+        ldp.make_private(model)
