@@ -58,7 +58,7 @@ class TinyViT(nn.Module):
         tokens = self.patch(x)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         h = torch.cat([cls, tokens], dim=1) + self.pos_embed
-        return self.head(self.norm(h)[:, 0])
+        return self.head(self.norm(h).mean(1))
 
 
 class Scale(nn.Module):
