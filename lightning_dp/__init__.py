@@ -1,5 +1,7 @@
 """Differentially private training for PyTorch Lightning."""
 
+from lightning_dp import strategies  # noqa: F401  (registers "dp" in Lightning's StrategyRegistry)
+from lightning_dp.callbacks import PrivacyAccountant
 from lightning_dp.engine import (
     PrivacyLeakError,
     group_norms,
@@ -9,8 +11,11 @@ from lightning_dp.engine import (
     strip_private,
 )
 from lightning_dp.rules import rules
+from lightning_dp.strategies import DPStrategy
 
 __all__ = [
+    "DPStrategy",
+    "PrivacyAccountant",
     "PrivacyLeakError",
     "group_norms",
     "group_thresholds",

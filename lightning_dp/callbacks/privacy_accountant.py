@@ -1,0 +1,174 @@
+"""``PrivacyAccountant``: calibrate sigma from a target epsilon, log epsilon, stop at the budget.
+
+The spent budget itself lives in the strategy's ledger and is saved in every checkpoint by the
+strategy, so a resumed run (even one restarted after a kill) continues from the epsilon already
+spent. This callback is the user-facing side: calibration at train start, epsilon in the logger
+and progress bar, per-group clip fractions and thresholds, and a clean stop before the next
+step would exceed the target.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from lightning_dp.accounting import PrivacyLedger, epsilon, noise_multiplier_for
+from lightning_dp.engine import clipper_of
+from lightning_dp.strategies.private_training import PrivateTraining
+
+
+def private_training_of(trainer: pl.Trainer) -> PrivateTraining:
+    private = getattr(trainer.strategy, "private", None)
+    if not isinstance(private, PrivateTraining):
+        raise ValueError(
+            f"PrivacyAccountant needs a lightning-dp strategy, but the Trainer uses "
+            f"{type(trainer.strategy).__name__}; pass strategy='dp' (or 'dp_fsdp')."
+        )
+    return private
+
+
+class PrivacyAccountant(Callback):
+    """Account for every DP-SGD step and keep epsilon within the target.
+
+    Args:
+        target_epsilon: the budget; when the strategy's ``noise_multiplier`` is None, sigma is
+            calibrated at train start as the smallest one that meets it over the planned steps
+            (``max_steps``, or ``max_epochs`` x steps per epoch). None only reports epsilon.
+        delta: the delta of (epsilon, delta)-DP; default ``1 / (10 N)``, well below 1/N.
+        accountant: ``"pld"`` (tight) or ``"rdp"`` (faster, looser).
+        log_every_n_steps: how often epsilon is recomputed and logged; default the Trainer's.
+
+    The neighbouring relation is add/remove of one training example.
+    """
+
+    def __init__(
+        self,
+        target_epsilon: float | None = None,
+        delta: float | None = None,
+        accountant: Literal["pld", "rdp"] = "pld",
+        log_every_n_steps: int | None = None,
+    ) -> None:
+        if target_epsilon is not None and not (math.isfinite(target_epsilon) and target_epsilon > 0):
+            raise ValueError(f"PrivacyAccountant: target_epsilon={target_epsilon!r} must be positive and finite.")
+        if delta is not None and not 0 < delta < 1:
+            raise ValueError(f"PrivacyAccountant: delta={delta!r} must lie in (0, 1); pick one well below 1/N.")
+        if accountant not in ("pld", "rdp"):
+            raise ValueError(f"PrivacyAccountant: accountant={accountant!r} is not 'pld' or 'rdp'.")
+        self.target_epsilon = target_epsilon
+        self.delta = delta
+        self.accountant = accountant
+        self.log_every_n_steps = log_every_n_steps
+        self.epsilon: float = 0.0
+
+    # -- start ---------------------------------------------------------------------------
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        private = private_training_of(trainer)
+        n = private.num_samples
+        if self.delta is None:
+            self.delta = 1.0 / (10 * n)
+        if self.delta >= 1.0 / n:
+            raise ValueError(
+                f"PrivacyAccountant: delta={self.delta!r} is not below 1/N = {1 / n:.3g} for N={n} "
+                "training examples; such a delta allows releasing whole examples. Use e.g. "
+                f"delta={1 / (10 * n):.1g}."
+            )
+        self._use_accountant(private, n)
+        q = private.accounted_sample_rate
+        planned = trainer.estimated_stepping_batches
+        if private.privacy.noise_multiplier is None:
+            if self.target_epsilon is None:
+                raise ValueError(
+                    "lightning-dp: no noise multiplier. Pass noise_multiplier to the strategy, or "
+                    "target_epsilon to PrivacyAccountant so it can be calibrated."
+                )
+            if not math.isfinite(planned):
+                raise ValueError(
+                    "PrivacyAccountant: calibrating sigma from target_epsilon needs a planned "
+                    "number of steps; set max_epochs or max_steps on the Trainer."
+                )
+            private.privacy.noise_multiplier = noise_multiplier_for(
+                target_epsilon=self.target_epsilon, delta=self.delta, sample_rate=q,
+                steps=int(planned), accountant=self.accountant,
+            )
+        sigma = private.privacy.noise_multiplier
+        if self.target_epsilon is not None:
+            private.max_steps = self._max_steps(sigma, q, int(min(planned, 10**9)))
+        self.epsilon = private.ledger.epsilon(self.delta)
+        rank_zero_info(
+            f"lightning-dp: sigma={sigma:.4g}, q={q:.4g} (expected batch {private.expected_batch_size:.1f} "
+            f"of N={n}), planned steps={planned}, delta={self.delta:.3g}, accountant={self.accountant}"
+            + (f", target epsilon={self.target_epsilon}" if self.target_epsilon else "")
+            + (f", resuming at step {private.ledger.steps} (epsilon {self.epsilon:.4g})" if private.ledger.steps else "")
+        )
+        if private.max_steps is not None and private.ledger.steps >= private.max_steps:
+            rank_zero_info("lightning-dp: the privacy budget is already spent; not training.")
+            trainer.should_stop = True
+
+    def _use_accountant(self, private: PrivateTraining, num_samples: int) -> None:
+        """Rebuild the strategy's ledger with this callback's accountant, keeping its history."""
+        ledger = PrivacyLedger(accountant=self.accountant, num_samples=num_samples)
+        state = private.ledger.state_dict()
+        state["accountant"] = self.accountant
+        ledger.load_state_dict(state)
+        private.ledger = ledger
+
+    def _max_steps(self, sigma: float, q: float, planned: int) -> int:
+        """The most steps whose epsilon stays within the target (at least the planned ones when
+        sigma was calibrated for them)."""
+        def eps(steps: int) -> float:
+            return epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=self.delta,
+                           accountant=self.accountant)
+
+        if sigma == 0:
+            return 0
+        if eps(planned) <= self.target_epsilon:
+            return planned
+        lo, hi = 0, planned  # eps(lo) <= target < eps(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if eps(mid) <= self.target_epsilon else (lo, mid)
+        return lo
+
+    # -- every step ----------------------------------------------------------------------
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        private = private_training_of(trainer)
+        steps = private.ledger.steps
+        stop = private.max_steps is not None and steps >= private.max_steps
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if stop or steps % every == 0 or steps == 1:
+            self.epsilon = private.ledger.epsilon(self.delta)
+        pl_module.log("epsilon", self.epsilon, prog_bar=True, on_step=True, on_epoch=False)
+        pl_module.log("dp/sigma", float(private.privacy.noise_multiplier), on_step=True, on_epoch=False)
+        clipper = clipper_of(pl_module)
+        for name, stats in clipper.stats.items():
+            batch_size = max(int(stats.norms.numel()), 1)
+            pl_module.log(f"dp/clip_fraction/{name}", float(stats.clipped) / batch_size, on_step=True, on_epoch=False)
+            pl_module.log(f"dp/threshold/{name}", clipper.groups[name].threshold, on_step=True, on_epoch=False)
+        if stop and not trainer.should_stop:
+            rank_zero_info(
+                f"lightning-dp: stopping after step {steps}: one more step would exceed the target "
+                f"epsilon {self.target_epsilon} (spent {self.epsilon:.4g} at delta {self.delta:.3g})."
+            )
+            trainer.should_stop = True
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.epsilon = private_training_of(trainer).ledger.epsilon(self.delta)
+
+    # -- checkpoints ---------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"target_epsilon": self.target_epsilon, "delta": self.delta, "accountant": self.accountant,
+                "epsilon": self.epsilon}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.delta = state_dict["delta"] if self.delta is None else self.delta
+        self.epsilon = state_dict["epsilon"]

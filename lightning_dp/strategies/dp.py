@@ -1,0 +1,205 @@
+"""``Trainer(strategy="dp")``: differentially private training on one device.
+
+Order of operations: at setup the LightningModule is rewritten for per-example clipping and
+the train dataloader is rebuilt around Poisson sampling. Each training batch is one logical
+batch: its first micro-batch runs inside Lightning's closure (forward, zero_grad, backward),
+the others run after it, and then noise is added once, the sum divided by q*N and the
+optimizer steps once. Validation and testing run the plain model and cost no budget.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.trainer.states import RunningStage
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lightning_dp.engine.clip_fns import ClipFn
+from lightning_dp.rules.linear import NormMethod
+from lightning_dp.strategies.loss import LossReduction, empty_loss, summed_loss
+from lightning_dp.strategies.poisson_loader import poisson_dataloader, sample_rate_of
+from lightning_dp.strategies.private_training import (
+    ClippingStyle,
+    PrivacySettings,
+    PrivateTraining,
+    SpeedSettings,
+    batch_size_of,
+    split_batch,
+)
+
+CHECKPOINT_KEY = "lightning_dp"
+
+
+class DPStrategy(SingleDeviceStrategy):
+    """DP-SGD on one device: per-example clipping, Poisson sampling, noise once per step.
+
+    Args:
+        clipping: ``"layer"`` (default), ``"flat"``, ``"unit"``, or groups of parameter-name
+            prefixes (see ``make_private``).
+        clip_fn: ``"abadi"`` (hard clipping) or ``"automatic"`` (normalised, Bu et al. 2022).
+        max_grad_norm: clipping threshold C, one for all groups or a mapping group -> C.
+        gamma: stabiliser of automatic clipping.
+        noise_multiplier: sigma in units of the sensitivity; None calibrates it from
+            ``PrivacyAccountant(target_epsilon=...)``.
+        poisson: Poisson-sample logical batches (what the accountant assumes). False keeps the
+            user's batches and accounts every step without amplification (q = 1).
+        secure_mode: sampling and noise from OS entropy; refuses a seed.
+        seed: seed of the sampling and noise streams; None draws it from torch's global RNG
+            (reproducible under ``seed_everything``).
+        max_physical_batch_size: split each logical batch into micro-batches of at most this
+            many examples (memory only; the result is unchanged).
+        loss_reduction: how to read a scalar loss from ``training_step``: ``"auto"`` (from the
+            autograd graph), ``"sum"`` or ``"mean"``. Per-example losses (shape [B]) need none.
+        norm_method: per-layer norm algorithm (speed only).
+        fallback: handle modules without a rule with the torch.func fallback.
+        device: the device; None takes the accelerator's.
+    """
+
+    strategy_name = "dp"
+
+    def __init__(
+        self,
+        *,
+        clipping: ClippingStyle | list[list[str]] | dict[str, list[str]] = "layer",
+        clip_fn: ClipFn = "abadi",
+        max_grad_norm: float | dict[str, float] = 1.0,
+        gamma: float = 0.01,
+        noise_multiplier: float | None = None,
+        poisson: bool = True,
+        secure_mode: bool = False,
+        seed: int | None = None,
+        max_physical_batch_size: int | None = None,
+        loss_reduction: LossReduction = "auto",
+        norm_method: NormMethod = "auto",
+        fallback: bool = False,
+        device: str | torch.device | None = None,
+        accelerator: Any = None,
+        checkpoint_io: Any = None,
+        precision_plugin: Any = None,
+    ) -> None:
+        super().__init__(
+            device=device or "cpu", accelerator=accelerator, checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        self._device_given = device is not None
+        self.private = PrivateTraining(
+            PrivacySettings(clipping, clip_fn, max_grad_norm, gamma, noise_multiplier, poisson, secure_mode),
+            SpeedSettings(max_physical_batch_size, norm_method, fallback),
+            seed,
+            loss_reduction,
+        )
+        self._later_micro_batches: list[Any] = []
+        self._step_args: tuple = ()
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        if not self._device_given and self.accelerator is not None:
+            kind = type(self.accelerator).__name__
+            if kind == "CUDAAccelerator":
+                return torch.device("cuda", torch.cuda.current_device())
+            if kind == "MPSAccelerator":
+                return torch.device("mps")
+        return self._root_device
+
+    @override
+    def setup(self, trainer: Any) -> None:
+        check_trainer_supports_dp(trainer, self)
+        self.private.make_private(self.lightning_module)
+        super().setup(trainer)
+
+    # -- data ----------------------------------------------------------------------------
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        trainer = self.lightning_module.trainer
+        if trainer.state.stage != RunningStage.TRAINING or not isinstance(dataloader, DataLoader):
+            return dataloader
+        num_samples, sample_rate = sample_rate_of(dataloader)
+        if not self.private.privacy.poisson:
+            self.private.num_samples, self.private.sample_rate = num_samples, sample_rate
+            return dataloader
+        sampler = self.private.make_sampler(num_samples, sample_rate, self.global_rank, self.world_size)
+        return poisson_dataloader(dataloader, sampler)
+
+    @override
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        trainer = self.lightning_module.trainer
+        if trainer.state.stage == RunningStage.TRAINING:
+            return batch  # moved one micro-batch at a time in training_step
+        return super().batch_to_device(batch, device, dataloader_idx)
+
+    # -- one logical step ----------------------------------------------------------------
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        batch, rest = args[0], args[1:]
+        if batch_size_of(batch) == 0:
+            self._later_micro_batches = []
+            return empty_loss(self.root_device)
+        first, *later = split_batch(batch, self.private.speed.max_physical_batch_size)
+        self._later_micro_batches, self._step_args = later, (rest, kwargs)
+        return self._micro_step(first, rest, kwargs)
+
+    def _micro_step(self, micro_batch: Any, rest: tuple, kwargs: dict) -> Any:
+        micro_batch = super().batch_to_device(micro_batch)
+        output = super().training_step(micro_batch, *rest, **kwargs)
+        loss = output["loss"] if isinstance(output, dict) else output
+        summed = summed_loss(loss, batch_size_of(micro_batch), self.private.loss_reduction)
+        if isinstance(output, dict):
+            return {**output, "loss": summed}
+        return summed
+
+    @override
+    def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        def private_closure() -> Any:
+            result = closure()  # training_step on the first micro-batch, zero_grad, backward
+            rest, step_kwargs = self._step_args
+            for micro_batch in self._later_micro_batches:
+                output = self._micro_step(micro_batch, rest, step_kwargs)
+                (output["loss"] if isinstance(output, dict) else output).backward()
+            self._later_micro_batches = []
+            self.private.noise_and_normalize(self.lightning_module, self.global_rank, self.root_device)
+            return result
+
+        return super().optimizer_step(optimizer, private_closure, model, **kwargs)
+
+    # -- checkpoints ---------------------------------------------------------------------
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.private.state_dict()
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path)
+        if CHECKPOINT_KEY in checkpoint:
+            self.private.load_state_dict(checkpoint[CHECKPOINT_KEY])
+        return checkpoint
+
+
+def check_trainer_supports_dp(trainer: Any, strategy: Any) -> None:
+    """Refuse Trainer settings that would break the per-step privacy guarantee."""
+    if trainer.accumulate_grad_batches != 1:
+        raise ValueError(
+            f"accumulate_grad_batches={trainer.accumulate_grad_batches}: with lightning-dp the "
+            "logical (Poisson) batch is the accumulation unit and gets one noise draw and one "
+            "accountant step. Raise the DataLoader's batch_size for larger logical batches and "
+            "set the strategy's max_physical_batch_size to bound memory."
+        )
+    if not strategy.lightning_module.automatic_optimization:
+        raise ValueError(
+            "lightning-dp supports automatic optimization only: with manual optimization it "
+            "cannot guarantee one noise draw per logical batch. Remove "
+            "`self.automatic_optimization = False`."
+        )
+    plugin = strategy.precision_plugin
+    if isinstance(plugin, MixedPrecision) and plugin.scaler is not None:
+        raise ValueError(
+            "precision='16-mixed' scales the loss by a dynamic factor before backward, which "
+            "scales every per-example gradient and breaks clipping at the threshold. Use "
+            "precision='bf16-mixed' (or 32)."
+        )

@@ -1,0 +1,70 @@
+"""Rebuild the user's train dataloader around Poisson sampling, keeping everything else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data._utils.collate import default_collate
+from torch.utils._pytree import tree_map
+
+from lightning_dp.data import PoissonBatchSampler
+
+
+class EmptySafeCollate:
+    """The user's collate_fn; an empty batch becomes the collation of one example cut to 0 rows,
+    so an empty Poisson batch keeps every tensor's shape and dtype."""
+
+    def __init__(self, collate_fn: Any, dataset: Any) -> None:
+        self.collate_fn, self.dataset = collate_fn, dataset
+
+    def __call__(self, examples: list) -> Any:
+        if examples:
+            return self.collate_fn(examples)
+        one = self.collate_fn([self.dataset[0]])
+        return tree_map(lambda t: t[:0] if isinstance(t, torch.Tensor) else t, one)
+
+
+def sample_rate_of(dataloader: DataLoader) -> tuple[int, float]:
+    """(N, q) from the user's loader: q = batch_size / N, the expected logical batch size."""
+    dataset = dataloader.dataset
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(
+            f"The train dataset is an IterableDataset ({type(dataset).__name__}); Poisson sampling "
+            "needs random access to every example. Use a map-style Dataset (with __len__ and "
+            "__getitem__)."
+        )
+    try:
+        num_samples = len(dataset)
+    except TypeError:
+        raise ValueError(
+            f"The train dataset ({type(dataset).__name__}) has no __len__; Poisson sampling and "
+            "the privacy accounting need the dataset size N. Give it a __len__."
+        ) from None
+    batch_size = dataloader.batch_size
+    if batch_size is None:
+        raise ValueError(
+            "The train dataloader has no batch_size (a custom batch_sampler?); lightning-dp "
+            "replaces batching with Poisson sampling and reads the expected batch size from "
+            "DataLoader(batch_size=...). Pass batch_size instead of a batch_sampler."
+        )
+    if num_samples == 0:
+        raise ValueError("The train dataset is empty; there is nothing to train on.")
+    return num_samples, min(1.0, batch_size / num_samples)
+
+
+def poisson_dataloader(dataloader: DataLoader, sampler: PoissonBatchSampler) -> DataLoader:
+    """The same loader (collate, workers, pinning...) drawing Poisson logical batches."""
+    kwargs: dict[str, Any] = {
+        "num_workers": dataloader.num_workers,
+        "collate_fn": EmptySafeCollate(dataloader.collate_fn or default_collate, dataloader.dataset),
+        "pin_memory": dataloader.pin_memory,
+        "timeout": dataloader.timeout,
+        "worker_init_fn": dataloader.worker_init_fn,
+        "multiprocessing_context": dataloader.multiprocessing_context,
+        "persistent_workers": dataloader.persistent_workers,
+    }
+    if dataloader.num_workers > 0:
+        kwargs["prefetch_factor"] = dataloader.prefetch_factor
+    return DataLoader(dataloader.dataset, batch_sampler=sampler, **kwargs)

@@ -1,0 +1,192 @@
+"""The DP training step shared by the ``dp`` and ``dp_fsdp`` strategies.
+
+One logical (Poisson) batch is one step: it is split into physical micro-batches of at most
+``max_physical_batch_size`` examples, each run forward and backward (the engine accumulates
+clipped per-example sums in ``.grad``), then noise is drawn once and the sum divided by the
+expected batch size q*N, and the optimizer steps once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from lightning_dp.accounting import PrivacyLedger
+from lightning_dp.data import PoissonBatchSampler
+from lightning_dp.engine import is_private, make_private, sensitivity
+from lightning_dp.engine.clip_fns import ClipFn
+from lightning_dp.noise import add_noise_and_normalize, make_noise_generator
+from lightning_dp.rules.linear import NormMethod
+from lightning_dp.strategies.loss import LossReduction
+
+ClippingStyle = Literal["flat", "layer", "unit"]
+
+
+@dataclass
+class PrivacySettings:
+    """What changes the privacy guarantee (goes into the privacy card)."""
+
+    clipping: ClippingStyle | list[list[str]] | dict[str, list[str]] = "layer"
+    clip_fn: ClipFn = "abadi"
+    max_grad_norm: float | dict[str, float] = 1.0
+    gamma: float = 0.01
+    noise_multiplier: float | None = None
+    poisson: bool = True
+    secure_mode: bool = False
+
+
+@dataclass
+class SpeedSettings:
+    """What only changes speed and memory, never the result."""
+
+    max_physical_batch_size: int | None = None
+    norm_method: NormMethod = "auto"
+    fallback: bool = False
+
+
+def batch_size_of(batch: Any) -> int:
+    """Examples in a collated batch: the size of dim 0 of its first tensor."""
+    for leaf in tree_flatten(batch)[0]:
+        if isinstance(leaf, Tensor) and leaf.dim() > 0:
+            return leaf.shape[0]
+    raise ValueError(
+        f"lightning-dp found no tensor with a batch dimension in the training batch "
+        f"({type(batch).__name__}); batches must hold tensors whose dim 0 indexes examples."
+    )
+
+
+def split_batch(batch: Any, size: int | None) -> list[Any]:
+    """Micro-batches of at most ``size`` examples (slices along dim 0 of every tensor)."""
+    total = batch_size_of(batch)
+    if size is None or total <= size:
+        return [batch]
+    return [
+        tree_map(lambda t: t[start : start + size] if isinstance(t, Tensor) and t.dim() > 0 else t, batch)
+        for start in range(0, total, size)
+    ]
+
+
+class PrivateTraining:
+    """Owns the privacy engine of one training run: model rewrite, sampler, noise."""
+
+    def __init__(self, privacy: PrivacySettings, speed: SpeedSettings, seed: int | None, loss_reduction: LossReduction) -> None:
+        if privacy.noise_multiplier is not None and not (
+            math.isfinite(privacy.noise_multiplier) and privacy.noise_multiplier >= 0
+        ):
+            raise ValueError(
+                f"noise_multiplier={privacy.noise_multiplier!r}: it must be a finite number >= 0, "
+                "or None to calibrate it from PrivacyAccountant(target_epsilon=...)."
+            )
+        size = speed.max_physical_batch_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"max_physical_batch_size={size!r}: it must be an int >= 1 or None.")
+        if privacy.secure_mode and seed is not None:
+            raise ValueError(
+                f"seed={seed!r} with secure_mode=True: secure mode draws sampling and noise from "
+                "OS entropy, and a known seed would make them reproducible. Drop the seed."
+            )
+        self.privacy, self.speed, self.seed, self.loss_reduction = privacy, speed, seed, loss_reduction
+        self.sampler: PoissonBatchSampler | None = None
+        self.num_samples: int | None = None
+        self.sample_rate: float | None = None
+        self.generator: torch.Generator | None = None
+        self.ledger = PrivacyLedger(accountant="rdp")
+        #: Set by PrivacyAccountant: the last step that keeps epsilon within the target.
+        self.max_steps: int | None = None
+        self._pending_state: Mapping[str, Any] | None = None
+
+    # -- model ---------------------------------------------------------------------------
+    def make_private(self, module: nn.Module) -> None:
+        if is_private(module):
+            return
+        p = self.privacy
+        make_private(
+            module, clipping=p.clipping, clip_fn=p.clip_fn, max_grad_norm=p.max_grad_norm,
+            gamma=p.gamma, norm_method=self.speed.norm_method, fallback=self.speed.fallback,
+        )
+
+    # -- data ----------------------------------------------------------------------------
+    def make_sampler(self, num_samples: int, sample_rate: float, rank: int, world_size: int) -> PoissonBatchSampler:
+        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        if self.privacy.secure_mode:
+            seed = None
+        self.sampler = PoissonBatchSampler(
+            num_samples, sample_rate, generator=seed, rank=rank, world_size=world_size,
+            secure_mode=self.privacy.secure_mode,
+        )
+        self.num_samples, self.sample_rate = num_samples, sample_rate
+        if self._pending_state is not None and self._pending_state.get("sampler") is not None:
+            self.sampler.load_state_dict(self._pending_state["sampler"])
+        return self.sampler
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.sample_rate * self.num_samples
+
+    # -- noise ---------------------------------------------------------------------------
+    def noise_generator(self, rank: int, device: torch.device) -> torch.Generator:
+        if self.generator is None:
+            if self.privacy.secure_mode:
+                self.generator = make_noise_generator(None, rank=rank, device=device, secure_mode=True)
+            else:
+                seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+                self.generator = make_noise_generator(seed, rank=rank, device=device)
+            pending = self._pending_state or {}
+            if pending.get("noise_generator") is not None and not self.privacy.secure_mode:
+                self.generator.set_state(pending["noise_generator"])
+        return self.generator
+
+    def noise_and_normalize(self, module: nn.Module, rank: int, device: torch.device) -> None:
+        """Release one step: noise once, divide by q*N, charge the ledger."""
+        if self.max_steps is not None and self.ledger.steps >= self.max_steps:
+            raise RuntimeError(
+                f"lightning-dp: step {self.ledger.steps + 1} would exceed the privacy budget "
+                f"(at most {self.max_steps} steps fit the target epsilon); training should have "
+                "stopped. Lower max_steps/max_epochs or raise the target epsilon."
+            )
+        sigma = self.privacy.noise_multiplier
+        if sigma is None:
+            raise RuntimeError(
+                "lightning-dp: no noise multiplier is set. Pass noise_multiplier to the strategy, "
+                "or add lightning_dp.PrivacyAccountant(target_epsilon=...) to calibrate it."
+            )
+        add_noise_and_normalize(
+            [p for p in module.parameters() if p.requires_grad],
+            noise_multiplier=sigma,
+            sensitivity=sensitivity(module),
+            expected_batch_size=self.expected_batch_size,
+            generator=self.noise_generator(rank, device),
+        )
+        self.ledger.step(noise_multiplier=sigma, sample_rate=self.accounted_sample_rate)
+
+    @property
+    def accounted_sample_rate(self) -> float:
+        """q for the accountant: without Poisson sampling no amplification is claimed (q = 1)."""
+        return self.sample_rate if self.privacy.poisson else 1.0
+
+    # -- checkpoint ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "noise_multiplier": self.privacy.noise_multiplier,
+            "ledger": self.ledger.state_dict(),
+            "sampler": self.sampler.state_dict() if self.sampler is not None else None,
+            "noise_generator": (
+                self.generator.get_state() if self.generator is not None and not self.privacy.secure_mode else None
+            ),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore; sampler and noise streams are applied when they are (re)built."""
+        self.privacy.noise_multiplier = state["noise_multiplier"]
+        self.ledger.load_state_dict(state["ledger"])
+        self._pending_state = state
+        if self.sampler is not None and state.get("sampler") is not None:
+            self.sampler.load_state_dict(state["sampler"])
+        if self.generator is not None and state.get("noise_generator") is not None:
+            self.generator.set_state(state["noise_generator"])
