@@ -63,13 +63,13 @@ def test_pld_never_looser_than_rdp(sigma, q, steps):
 
 @pytest.mark.parametrize("accountant", ["pld", "rdp"])
 def test_monotone_in_steps_rate_and_noise(accountant):
-    def eps(sigma=2.0, q=0.02, steps=200):
+    def eps(sigma=3.0, q=0.02, steps=200):
         return epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5,
                        accountant=accountant)
 
     assert eps(steps=50) < eps(steps=200) < eps(steps=800)
     assert eps(q=0.005) < eps(q=0.02) < eps(q=0.08)
-    assert eps(sigma=4.0) < eps(sigma=2.0) < eps(sigma=1.5)
+    assert eps(sigma=6.0) < eps(sigma=3.0) < eps(sigma=2.0)
 
 
 @pytest.mark.parametrize("accountant", ["pld", "rdp"])
