@@ -196,6 +196,13 @@ def check_trainer_supports_dp(trainer: Any, strategy: Any) -> None:
             "cannot guarantee one noise draw per logical batch. Remove "
             "`self.automatic_optimization = False`."
         )
+    calibrates = any(getattr(c, "target_epsilon", None) is not None for c in trainer.callbacks)
+    if strategy.private.privacy.noise_multiplier is None and not calibrates:
+        raise ValueError(
+            "lightning-dp: no noise multiplier. Pass noise_multiplier=... to the strategy, or add "
+            "lightning_dp.PrivacyAccountant(target_epsilon=...) to the Trainer's callbacks to "
+            "calibrate it."
+        )
     plugin = strategy.precision_plugin
     if isinstance(plugin, MixedPrecision) and plugin.scaler is not None:
         raise ValueError(

@@ -1,0 +1,100 @@
+"""Bad input gives one clear error before training starts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from dp_fixtures import Classifier, toy_dataset, trainer
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+import lightning_dp
+
+
+class Unsized(Dataset):
+    def __getitem__(self, i):
+        return torch.randn(8), 0
+
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        yield from ((torch.randn(8), 0) for _ in range(10))
+
+
+def _fit(model=None, loader=None, strategy=None, callbacks=(), **kwargs):
+    model = model or Classifier()
+    loader = loader if loader is not None else DataLoader(toy_dataset(), batch_size=8)
+    strategy = strategy or lightning_dp.DPStrategy(noise_multiplier=1.0)
+    t = trainer(strategy, callbacks=callbacks, **kwargs)
+    t.fit(model, loader)
+    return t
+
+
+def _untouched(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(model=Classifier(norm="batch")), r"`net.1` is a BatchNorm1d.*GroupNorm or LayerNorm"),
+        (dict(callbacks=[lightning_dp.PrivacyAccountant(target_epsilon=1e-6, delta=1e-8)],
+              strategy=lightning_dp.DPStrategy()), r"target_epsilon.*searched"),
+        (dict(callbacks=[lightning_dp.PrivacyAccountant(delta=0.5)]), r"delta=0.5 is not below 1/N"),
+        (dict(loader=DataLoader(Unsized(), batch_size=4)), r"has no __len__"),
+        (dict(loader=DataLoader(Stream(), batch_size=4)), r"IterableDataset"),
+        (dict(accumulate_grad_batches=2), r"accumulate_grad_batches=2"),
+        (dict(strategy=lightning_dp.DPStrategy()), r"no noise multiplier"),
+    ],
+)
+def test_one_clear_error_before_training(kwargs, match):
+    model = kwargs.pop("model", None) or Classifier()
+    before = _untouched(model)
+    with pytest.raises(ValueError, match=match):
+        _fit(model=model, max_epochs=2, **kwargs)
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), q), "parameters changed before the error"
+
+
+def test_batch_sampler_without_batch_size_is_refused():
+    data = toy_dataset()
+    loader = DataLoader(data, batch_sampler=[[0, 1, 2]] * 3)
+    with pytest.raises(ValueError, match=r"no batch_size"):
+        _fit(loader=loader)
+
+
+def test_fp16_loss_scaling_is_refused():
+    """On CPU Lightning turns 16-mixed into bf16; on CUDA the GradScaler must be refused."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from lightning_dp.strategies.dp import check_trainer_supports_dp
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    strategy = SimpleNamespace(precision_plugin=plugin, lightning_module=Classifier(),
+                               private=SimpleNamespace(privacy=SimpleNamespace(noise_multiplier=1.0)))
+    with pytest.raises(ValueError, match=r"bf16-mixed"):
+        check_trainer_supports_dp(SimpleNamespace(accumulate_grad_batches=1, callbacks=[]), strategy)
+
+
+class MeanDeclaredSum(Classifier):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)  # a mean over the batch
+
+
+def test_mean_loss_declared_as_sum_is_caught():
+    with pytest.raises(ValueError, match=r"loss_reduction='sum'.*mean over the batch"):
+        _fit(model=MeanDeclaredSum(), strategy=lightning_dp.DPStrategy(noise_multiplier=1.0, loss_reduction="sum"))
+
+
+class Opaque(Classifier):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return (self(x) - 1).abs().max()
+
+
+def test_undetectable_scalar_reduction_asks_for_per_example_losses():
+    with pytest.raises(ValueError, match=r"cannot tell whether.*reduction='none'"):
+        _fit(model=Opaque())
