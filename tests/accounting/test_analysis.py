@@ -114,3 +114,15 @@ def test_large_delta_warns_only_when_delta_reaches_one_over_n(recwarn):
     epsilon(**kw, delta=1e-4, num_samples=1000)
     epsilon(**kw, delta=1e-3)
     assert not [w for w in recwarn if issubclass(w.category, LargeDeltaWarning)]
+
+
+def test_cached_pld_composition_equals_dp_accountings_pld_accountant():
+    """The cached single-release PLD, self-composed, gives dp_accounting's exact figure."""
+    from dp_accounting.pld import PLDAccountant
+
+    from lightning_dp.accounting.analysis import composed_event, epsilon_of_runs
+
+    runs = [(1.1, 0.01, 500), (0.9, 0.02, 200), (1.1, 0.01, 300)]
+    reference = PLDAccountant(value_discretization_interval=1e-4)
+    want = reference.compose(composed_event(runs)).get_epsilon(1e-5)
+    assert epsilon_of_runs(runs, 1e-5, accountant="pld") == pytest.approx(want, rel=1e-12)
