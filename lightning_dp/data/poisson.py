@@ -51,9 +51,11 @@ class PoissonBatchSampler(Sampler[list[int]]):
     q from its own stream, so every example is still included independently with probability
     q, and together the ranks form one Poisson batch. All ranks yield ``steps`` batches.
 
-    Resuming: ``state_dict()`` holds the stream state and the number of batches yielded in the
-    current pass; after ``load_state_dict`` the next iteration continues at the next batch of
-    the identical stream.
+    Resuming: batch k of the stream is drawn from a generator seeded by (this rank's seed, k),
+    so the stream can restart at any batch. ``state_dict(consumed=k)`` names batch k as the
+    next one, which is what a training loop must save: data loaders prefetch, so the sampler
+    has usually drawn ahead of the batches actually trained on. After ``load_state_dict`` the
+    next iteration continues at that batch of the identical stream.
 
     Secure mode draws every inclusion decision from the operating system's CSPRNG
     (``os.urandom``, q rounded to a multiple of 2^-53), so batch membership cannot be predicted
@@ -114,11 +116,11 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.world_size = int(world_size)
         self.secure_mode = bool(secure_mode)
         self._indices = torch.arange(self.rank, self.num_samples, self.world_size)
-        self._generator: torch.Generator | None = None
-        if not self.secure_mode:
-            self._generator = torch.Generator().manual_seed(_rank_seed(generator, self.rank))
-        self._position = 0
+        self._seed = None if self.secure_mode else _rank_seed(generator, self.rank)
+        self._next_batch = 0  # stream index of the next batch to draw
+        self._position = 0  # index of the next batch within the current pass
         self._resume_at = 0
+        self._positions: dict[int, int] = {}  # stream index -> position, for batches drawn
 
     @property
     def expected_batch_size(self) -> float:
@@ -130,30 +132,44 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         self._position, self._resume_at = self._resume_at, 0
+        self._positions = {k: p for k, p in self._positions.items() if k >= self._next_batch - self.steps}
         while self._position < self.steps:
-            batch = self._draw()
+            batch = self._draw(self._next_batch)
+            self._positions[self._next_batch] = self._position
+            self._next_batch += 1
             self._position += 1
             yield batch
 
-    def _draw(self) -> list[int]:
+    def _draw(self, batch_index: int) -> list[int]:
         n = len(self._indices)
         if self.secure_mode:
             bits = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(64 - _SECURE_BITS)
             keep = torch.from_numpy(bits < np.uint64(round(self.sample_rate * 2**_SECURE_BITS)))
         else:
-            keep = torch.rand(n, generator=self._generator, dtype=torch.float64) < self.sample_rate
+            seed = np.random.SeedSequence([self._seed, batch_index]).generate_state(1, np.uint64)[0]
+            generator = torch.Generator().manual_seed(int(seed))
+            keep = torch.rand(n, generator=generator, dtype=torch.float64) < self.sample_rate
         return self._indices[keep].tolist()
 
-    def state_dict(self) -> dict[str, Any]:
-        """Stream state and position in the current pass (no stream state in secure mode)."""
+    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
+        """Where the stream stands: by default after the batches drawn so far; with
+        ``consumed=k``, just after the first k batches of the stream (those trained on)."""
+        next_batch, position = self._next_batch, self._position
+        if consumed is not None and consumed != self._next_batch:
+            if consumed - 1 not in self._positions and consumed != 0:
+                _fail("consumed", consumed, f"the sampler has not drawn batch {consumed - 1} "
+                      "in its current or previous pass", "Pass the number of batches trained on.")
+            next_batch = consumed
+            position = self._positions[consumed - 1] + 1 if consumed else 0
         return {
             "num_samples": self.num_samples,
             "sample_rate": self.sample_rate,
             "rank": self.rank,
             "world_size": self.world_size,
             "secure_mode": self.secure_mode,
-            "position": self._position,
-            "generator_state": None if self._generator is None else self._generator.get_state(),
+            "seed": self._seed,
+            "next_batch": next_batch,
+            "position": position,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -165,8 +181,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
                       f"the sampler was built with {key}={current!r}; resuming with a different "
                       "sampling setup would break the stream and the privacy accounting",
                       f"Rebuild the sampler with {key}={saved!r}.")
-        if self._generator is not None:
-            self._generator.set_state(state_dict["generator_state"])
+        self._seed = state_dict["seed"]
+        self._next_batch = int(state_dict["next_batch"])
         position = int(state_dict["position"])
         # A pass saved at its end resumes at the start of the next pass.
         self._position = self._resume_at = 0 if position >= self.steps else position

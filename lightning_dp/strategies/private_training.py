@@ -175,7 +175,9 @@ class PrivateTraining:
         return {
             "noise_multiplier": self.privacy.noise_multiplier,
             "ledger": self.ledger.state_dict(),
-            "sampler": self.sampler.state_dict() if self.sampler is not None else None,
+            # every logical batch trained on is one ledger step; batches prefetched beyond it
+            # are drawn again after a resume
+            "sampler": self.sampler.state_dict(consumed=self.ledger.steps) if self.sampler is not None else None,
             "noise_generator": (
                 self.generator.get_state() if self.generator is not None and not self.privacy.secure_mode else None
             ),

@@ -159,7 +159,7 @@ def test_secure_mode_state_round_trip_keeps_the_position():
     it = iter(sampler)
     next(it), next(it)
     state = sampler.state_dict()
-    assert state["generator_state"] is None
+    assert state["seed"] is None  # nothing to reproduce the stream from
     resumed = PoissonBatchSampler(40, 0.1, steps=10, secure_mode=True)
     resumed.load_state_dict(state)
     assert len(list(resumed)) == 8
@@ -181,3 +181,23 @@ def test_bad_arguments(kwargs, name):
     args = {"num_samples": 10, "sample_rate": 0.1} | kwargs
     with pytest.raises(ValueError, match=f"`{name}`"):
         PoissonBatchSampler(**args)
+
+
+@pytest.mark.parametrize("consumed", [0, 3, 9, 10, 13])
+def test_state_at_the_consumed_batch_ignores_batches_drawn_ahead(consumed):
+    """A data loader prefetches: the saved state must name the next batch to *train* on."""
+    reference = PoissonBatchSampler(40, 0.1, steps=10, generator=5)
+    stream = list(reference) + list(reference)
+    sampler = PoissonBatchSampler(40, 0.1, steps=10, generator=5)
+    it = iter(sampler)
+    drawn = [next(it) for _ in range(min(consumed + 2, 10))]  # two batches of prefetch
+    if consumed + 2 > 10:
+        it = iter(sampler)
+        drawn += [next(it) for _ in range(consumed + 2 - 10)]
+    assert drawn == stream[: len(drawn)]
+    state = sampler.state_dict(consumed=consumed)
+    resumed = PoissonBatchSampler(40, 0.1, steps=10, generator=5)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert rest == stream[consumed : consumed + len(rest)]
+    assert len(rest) == 10 - consumed % 10
