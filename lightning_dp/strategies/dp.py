@@ -174,8 +174,8 @@ class DPStrategy(SingleDeviceStrategy):
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     @override
-    def load_checkpoint(self, checkpoint_path: Any) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path)
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
         if CHECKPOINT_KEY in checkpoint:
             self.private.load_state_dict(checkpoint[CHECKPOINT_KEY])
         return checkpoint
