@@ -1,0 +1,51 @@
+"""Rank bodies for the FSDP tests (importable, so that spawn can pickle them)."""
+
+from __future__ import annotations
+
+import torch
+from fsdp_models import Block, TinyTransformer, per_example_loss
+from torch.distributed.device_mesh import init_device_mesh
+
+import lightning_dp as ldp
+from lightning_dp.noise import add_noise_and_normalize, make_noise_generator
+from lightning_dp.strategies.fsdp_sharding import shard_for_dp, sum_gradients_across_ranks
+
+BATCH, SEQ = 6, 7
+
+
+def batch() -> torch.Tensor:
+    return torch.randint(0, 17, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def sharded_private_model(world_size: int, clipping, max_grad_norm: float = 0.5):
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    shard_for_dp(model, init_device_mesh("cpu", (world_size,)), [Block])
+    sum_gradients_across_ranks(model)
+    return ldp.make_private(model, clipping=clipping, max_grad_norm=max_grad_norm)
+
+
+def clipped_sum_on_my_half(rank: int, world_size: int, clippings, out: str) -> None:
+    """Each rank takes its contiguous share of the batch; save full grads and group norms."""
+    for clipping in clippings:
+        model = sharded_private_model(world_size, clipping)
+        share = BATCH // world_size
+        per_example_loss(model, batch()[rank * share : (rank + 1) * share]).sum().backward()
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        torch.save({"grads": grads, "norms": ldp.group_norms(model)}, f"{out}/{clipping}-rank{rank}.pt")
+
+
+def noise_on_zero_gradients(rank: int, world_size: int, sigma: float, expected: float, steps: int, out: str) -> None:
+    """Zero clipped sums: what remains after each step is the noise, sharded across ranks."""
+    model = sharded_private_model(world_size, "unit")
+    generator = make_noise_generator(123, rank=rank)
+    sens = ldp.sensitivity(model)
+    samples = []
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = None
+        per_example_loss(model, batch()[:0]).sum().backward()  # an empty batch on every rank
+        add_noise_and_normalize(model.parameters(), noise_multiplier=sigma, sensitivity=sens,
+                                expected_batch_size=expected, generator=generator)
+        samples.append(torch.cat([p.grad.full_tensor().flatten() for p in model.parameters()]))
+    torch.save({"samples": torch.stack(samples), "sensitivity": sens}, f"{out}/rank{rank}.pt")

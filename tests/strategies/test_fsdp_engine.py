@@ -1,0 +1,57 @@
+"""The engine under FSDP2 on 2 gloo ranks equals one process on the concatenated batch."""
+
+from __future__ import annotations
+
+import torch
+from distributed import run_on_ranks
+from fsdp_models import TinyTransformer, per_example_loss
+from fsdp_workers import BATCH, batch, clipped_sum_on_my_half, noise_on_zero_gradients
+from scipy import stats
+
+import lightning_dp as ldp
+
+UNITS = {"blocks.0": ["blocks.0"], "blocks.1": ["blocks.1"], "(root)": ["embed", "head"]}
+
+
+def _single_process(clipping):
+    torch.manual_seed(0)
+    model = ldp.make_private(TinyTransformer(), clipping=clipping, max_grad_norm=0.5)
+    per_example_loss(model, batch()).sum().backward()
+    return {n: p.grad for n, p in model.named_parameters()}, ldp.group_norms(model)
+
+
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
+    run_on_ranks(clipped_sum_on_my_half, 2, tmp_path, ["unit", "layer"], str(tmp_path))
+    for clipping in ("unit", "layer"):
+        _check_equal_to_single_process(tmp_path, clipping)
+
+
+def _check_equal_to_single_process(tmp_path, clipping):
+    ranks = [torch.load(tmp_path / f"{clipping}-rank{r}.pt", weights_only=True) for r in range(2)]
+    want_grads, want_norms = _single_process(UNITS if clipping == "unit" else "layer")
+    for name, want in want_grads.items():
+        for rank in ranks:  # every rank holds the same full (summed) gradient
+            torch.testing.assert_close(rank["grads"][name], want, rtol=1e-5, atol=1e-6, msg=name)
+    assert set(ranks[0]["norms"]) == set(want_norms)
+    for group, want in want_norms.items():
+        got = torch.cat([rank["norms"][group] for rank in ranks])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=group)
+        assert got.shape == (BATCH,)
+
+
+def test_noise_variance_is_sigma_s_over_qn_on_each_coordinate_once(tmp_path):
+    """Noise added on every rank (or scaled by 1/W, 1/sqrt(W)) changes the variance: rejected."""
+    sigma, expected, steps = 1.5, 4.0, 40
+    run_on_ranks(noise_on_zero_gradients, 2, tmp_path, sigma, expected, steps, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    torch.testing.assert_close(ranks[0]["samples"], ranks[1]["samples"])  # replicas agree
+    samples = ranks[0]["samples"].flatten().double()
+    std = sigma * ranks[0]["sensitivity"] / expected
+    assert stats.kstest(samples.numpy() / std, "norm").pvalue > 1e-3
+    for wrong in (std * 2**0.5, std / 2**0.5, std * 2, std / 2):  # noise on every rank, 1/sqrt(W), ...
+        assert stats.kstest(samples.numpy() / wrong, "norm").pvalue < 1e-6
+    per_step = ranks[0]["samples"]
+    assert torch.unique(per_step, dim=0).shape[0] == steps  # fresh noise every step
+    # rank 0 owns the first rows of each weight, rank 1 the rest: their streams must differ
+    first_weight = per_step[:, : 8 * 17].reshape(steps, 17, 8)  # embed.weight, sharded on dim 0
+    assert not torch.allclose(first_weight[:, :8], first_weight[:, 8:16])
