@@ -1,10 +1,8 @@
 """``Trainer(strategy="dp")``: differentially private training on one device.
 
-Order of operations: at setup the LightningModule is rewritten for per-example clipping and
-the train dataloader is rebuilt around Poisson sampling. Each training batch is one logical
-batch: its first micro-batch runs inside Lightning's closure (forward, zero_grad, backward),
-the others run after it, and then noise is added once, the sum divided by q*N and the
-optimizer steps once. Validation and testing run the plain model and cost no budget.
+At setup the LightningModule is rewritten for per-example clipping; the train dataloader is
+rebuilt around Poisson sampling; each logical batch is one noisy step (``private_step.py``).
+Validation and testing run the plain model and cost no budget.
 """
 
 from __future__ import annotations
@@ -14,28 +12,21 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import SingleDeviceStrategy
-from lightning.pytorch.trainer.states import RunningStage
-from torch.optim import Optimizer
-from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_dp.engine.clip_fns import ClipFn
 from lightning_dp.rules.linear import NormMethod
-from lightning_dp.strategies.loss import LossReduction, empty_loss, summed_loss
-from lightning_dp.strategies.poisson_loader import poisson_dataloader, sample_rate_of
+from lightning_dp.strategies.loss import LossReduction
+from lightning_dp.strategies.private_step import PrivateStepMixin
 from lightning_dp.strategies.private_training import (
     ClippingStyle,
     PrivacySettings,
     PrivateTraining,
     SpeedSettings,
-    batch_size_of,
-    split_batch,
 )
 
-CHECKPOINT_KEY = "lightning_dp"
 
-
-class DPStrategy(SingleDeviceStrategy):
+class DPStrategy(PrivateStepMixin, SingleDeviceStrategy):
     """DP-SGD on one device: per-example clipping, Poisson sampling, noise once per step.
 
     Args:
@@ -93,8 +84,6 @@ class DPStrategy(SingleDeviceStrategy):
             seed,
             loss_reduction,
         )
-        self._later_micro_batches: list[Any] = []
-        self._step_args: tuple = ()
 
     @property
     @override
@@ -112,73 +101,6 @@ class DPStrategy(SingleDeviceStrategy):
         check_trainer_supports_dp(trainer, self)
         self.private.make_private(self.lightning_module)
         super().setup(trainer)
-
-    # -- data ----------------------------------------------------------------------------
-    @override
-    def process_dataloader(self, dataloader: object) -> object:
-        trainer = self.lightning_module.trainer
-        if trainer.state.stage != RunningStage.TRAINING or not isinstance(dataloader, DataLoader):
-            return dataloader
-        num_samples, sample_rate = sample_rate_of(dataloader)
-        if not self.private.privacy.poisson:
-            self.private.num_samples, self.private.sample_rate = num_samples, sample_rate
-            return dataloader
-        sampler = self.private.make_sampler(num_samples, sample_rate, self.global_rank, self.world_size)
-        return poisson_dataloader(dataloader, sampler)
-
-    @override
-    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
-        trainer = self.lightning_module.trainer
-        if trainer.state.stage == RunningStage.TRAINING:
-            return batch  # moved one micro-batch at a time in training_step
-        return super().batch_to_device(batch, device, dataloader_idx)
-
-    # -- one logical step ----------------------------------------------------------------
-    @override
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        batch, rest = args[0], args[1:]
-        if batch_size_of(batch) == 0:
-            self._later_micro_batches = []
-            return empty_loss(self.root_device)
-        first, *later = split_batch(batch, self.private.speed.max_physical_batch_size)
-        self._later_micro_batches, self._step_args = later, (rest, kwargs)
-        return self._micro_step(first, rest, kwargs)
-
-    def _micro_step(self, micro_batch: Any, rest: tuple, kwargs: dict) -> Any:
-        micro_batch = super().batch_to_device(micro_batch)
-        output = super().training_step(micro_batch, *rest, **kwargs)
-        loss = output["loss"] if isinstance(output, dict) else output
-        summed = summed_loss(loss, batch_size_of(micro_batch), self.private.loss_reduction)
-        if isinstance(output, dict):
-            return {**output, "loss": summed}
-        return summed
-
-    @override
-    def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
-        def private_closure() -> Any:
-            result = closure()  # training_step on the first micro-batch, zero_grad, backward
-            rest, step_kwargs = self._step_args
-            for micro_batch in self._later_micro_batches:
-                output = self._micro_step(micro_batch, rest, step_kwargs)
-                (output["loss"] if isinstance(output, dict) else output).backward()
-            self._later_micro_batches = []
-            self.private.noise_and_normalize(self.lightning_module, self.global_rank, self.root_device)
-            return result
-
-        return super().optimizer_step(optimizer, private_closure, model, **kwargs)
-
-    # -- checkpoints ---------------------------------------------------------------------
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        checkpoint[CHECKPOINT_KEY] = self.private.state_dict()
-        super().save_checkpoint(checkpoint, filepath, storage_options)
-
-    @override
-    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
-        if CHECKPOINT_KEY in checkpoint:
-            self.private.load_state_dict(checkpoint[CHECKPOINT_KEY])
-        return checkpoint
 
 
 def check_trainer_supports_dp(trainer: Any, strategy: Any) -> None:

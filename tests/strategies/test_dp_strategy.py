@@ -68,7 +68,7 @@ def test_clipping_on_noise_zero_one_step_equals_the_oracle(reduction):
     strategy = lightning_dp.DPStrategy(noise_multiplier=0.0, max_grad_norm=0.3, seed=SEED)
     trainer(strategy, max_steps=1).fit(model, DataLoader(data, batch_size=BATCH))
 
-    indices = PoissonBatchSampler(N, BATCH / N, generator=SEED)._draw()
+    indices = next(iter(PoissonBatchSampler(N, BATCH / N, generator=SEED)))
     x, y = data.tensors[0][indices], data.tensors[1][indices]
     examples = [(x[i : i + 1], y[i : i + 1]) for i in range(len(indices))]
     loss = lambda m, ex: F.cross_entropy(m(ex[0]), ex[1], reduction="sum")  # noqa: E731

@@ -1,0 +1,111 @@
+"""The DP training step as a strategy mixin, shared by ``dp`` and ``dp_fsdp``.
+
+One training batch is one logical (Poisson) batch. Lightning's closure runs ``training_step``,
+then ``zero_grad``, then backward; so ``training_step`` runs only the first micro-batch and
+the closure wrapper in ``optimizer_step`` runs the others after it, then adds noise once,
+divides by q*N and lets the optimizer step once. Batches stay on the host until each
+micro-batch is moved, so device memory is bounded by the physical batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.trainer.states import RunningStage
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from lightning_dp.strategies.loss import empty_loss, summed_loss
+from lightning_dp.strategies.poisson_loader import poisson_dataloader, sample_rate_of
+from lightning_dp.strategies.private_training import PrivateTraining, batch_size_of, split_batch
+
+CHECKPOINT_KEY = "lightning_dp"
+
+
+class PrivateStepMixin:
+    """Poisson data, micro-batching, one noisy step per logical batch, privacy state in checkpoints.
+
+    Subclasses set ``self.private`` and may override :meth:`micro_batches` (to keep ranks in
+    lockstep) and ``skip_empty_batches`` (False where every rank must join the collectives).
+    """
+
+    private: PrivateTraining
+    skip_empty_batches = True
+
+    def process_dataloader(self, dataloader: object) -> object:
+        trainer = self.lightning_module.trainer
+        if trainer.state.stage != RunningStage.TRAINING or not isinstance(dataloader, DataLoader):
+            return super().process_dataloader(dataloader)
+        num_samples, sample_rate = sample_rate_of(dataloader)
+        if not self.private.privacy.poisson:
+            self.private.num_samples, self.private.sample_rate = num_samples, sample_rate
+            return dataloader
+        rank, world_size = self.data_parallel_rank_and_size()
+        sampler = self.private.make_sampler(num_samples, sample_rate, rank, world_size)
+        return poisson_dataloader(dataloader, sampler)
+
+    def data_parallel_rank_and_size(self) -> tuple[int, int]:
+        return self.global_rank, self.world_size
+
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        if self.lightning_module.trainer.state.stage == RunningStage.TRAINING:
+            return batch  # moved one micro-batch at a time
+        return super().batch_to_device(batch, device, dataloader_idx)
+
+    def micro_batches(self, batch: Any) -> list[Any]:
+        return split_batch(batch, self.private.speed.max_physical_batch_size)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        batch, rest = args[0], args[1:]
+        if self.skip_empty_batches and batch_size_of(batch) == 0:
+            self._later_micro_batches = []
+            return empty_loss(self.root_device)
+        first, *later = self.micro_batches(batch)
+        self._later_micro_batches, self._step_args = later, (rest, kwargs)
+        return self._micro_step(first, rest, kwargs)
+
+    def _micro_step(self, micro_batch: Any, rest: tuple, kwargs: dict) -> Any:
+        micro_batch = super().batch_to_device(micro_batch)
+        output = super().training_step(micro_batch, *rest, **kwargs)
+        loss = output["loss"] if isinstance(output, dict) else output
+        summed = summed_loss(loss, batch_size_of(micro_batch), self.private.loss_reduction)
+        return {**output, "loss": summed} if isinstance(output, dict) else summed
+
+    def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        def private_closure() -> Any:
+            result = closure()  # first micro-batch: training_step, zero_grad, backward
+            rest, step_kwargs = getattr(self, "_step_args", ((), {}))
+            for micro_batch in getattr(self, "_later_micro_batches", []):
+                output = self._micro_step(micro_batch, rest, step_kwargs)
+                (output["loss"] if isinstance(output, dict) else output).backward()
+            self._later_micro_batches = []
+            rank, _ = self.data_parallel_rank_and_size()
+            self.private.noise_and_normalize(self.lightning_module, rank, self.root_device)
+            return result
+
+        return super().optimizer_step(optimizer, private_closure, model, **kwargs)
+
+    # -- checkpoints: every rank's sampler and noise streams, the ledger -----------------
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        states = [self.private.state_dict()]
+        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+            states = [None] * self.world_size
+            dist.all_gather_object(states, self.private.state_dict())
+        checkpoint[CHECKPOINT_KEY] = {"ranks": states}
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is not None:
+            states = saved["ranks"]
+            if len(states) != self.world_size:
+                raise ValueError(
+                    f"The checkpoint holds the privacy state of {len(states)} ranks but this run "
+                    f"has {self.world_size}; resume with the same number of devices, or the "
+                    "Poisson sampling streams and the accounting would not continue."
+                )
+            self.private.load_state_dict(states[self.global_rank])
+        return checkpoint
