@@ -11,9 +11,10 @@ from lightning_dp.engine import (
     strip_private,
 )
 from lightning_dp.rules import rules
-from lightning_dp.strategies import DPStrategy
+from lightning_dp.strategies import DPFSDPStrategy, DPStrategy
 
 __all__ = [
+    "DPFSDPStrategy",
     "DPStrategy",
     "PrivacyAccountant",
     "PrivacyLeakError",

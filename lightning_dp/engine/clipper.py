@@ -92,6 +92,9 @@ class Clipper:
         self.clip_fn_name = clip_fn
         self.gamma = gamma
         self.enabled = True
+        #: Under FSDP a unit's gradient is reduce-scattered as soon as its backward ends: a group
+        #: still open at the end of the backward would be released unclipped or lost, so raise.
+        self.require_prompt_finish = False
         self.stats: dict[str, GroupStats] = {}
         self._pending: dict[str, int] = defaultdict(int)
         self._uses: dict[str, list[tuple[Site, GradUse]]] = defaultdict(list)
@@ -128,6 +131,17 @@ class Clipper:
 
     def _finish(self) -> None:
         """End of backward: finish groups some of whose calls got no gradient, then reset."""
+        if self.require_prompt_finish and self._uses:
+            late = sorted(self._uses)
+            self._uses.clear()
+            self._pending.clear()
+            self._callback_task = None
+            raise RuntimeError(
+                f"lightning-dp: clipping groups {late} were still waiting for calls whose outputs "
+                "got no gradient when the backward ended; under FSDP their units' gradients were "
+                "already reduce-scattered. Make every private module's output reach the loss, or "
+                "freeze the unused modules."
+            )
         for group in list(self._uses):
             self._finalize(group)
         self._pending.clear()

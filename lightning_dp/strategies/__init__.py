@@ -3,6 +3,7 @@
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_dp.strategies.dp import DPStrategy
+from lightning_dp.strategies.dp_fsdp import DPFSDPStrategy
 
 StrategyRegistry.register(
     DPStrategy.strategy_name,
@@ -11,4 +12,11 @@ StrategyRegistry.register(
     override=True,
 )
 
-__all__ = ["DPStrategy"]
+StrategyRegistry.register(
+    DPFSDPStrategy.strategy_name,
+    DPFSDPStrategy,
+    description="Differentially private FSDP2 training with per-device clipping (lightning-dp)",
+    override=True,
+)
+
+__all__ = ["DPFSDPStrategy", "DPStrategy"]

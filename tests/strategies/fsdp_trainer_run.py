@@ -1,0 +1,67 @@
+"""Trainer(strategy="dp_fsdp", devices=2) on CPU/gloo; Lightning re-runs this script per rank.
+
+    python fsdp_trainer_run.py OUT_DIR MAX_STEPS [CKPT_PATH]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fsdp_models import TinyTransformer, per_example_loss  # noqa: E402
+
+import lightning_dp  # noqa: E402
+
+
+class LanguageModel(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = TinyTransformer()
+
+    def training_step(self, batch, batch_idx):
+        return per_example_loss(self.model, batch[0])  # per-example losses
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def main() -> None:
+    out, max_steps = sys.argv[1], int(sys.argv[2])
+    ckpt = sys.argv[3] if len(sys.argv) > 3 else None
+    L.seed_everything(0)
+    data = TensorDataset(torch.randint(0, 17, (64, 8), generator=torch.Generator().manual_seed(0)))
+    accountant = lightning_dp.PrivacyAccountant(target_epsilon=4.0, accountant="rdp", log_every_n_steps=1)
+    trainer = L.Trainer(
+        strategy=lightning_dp.DPFSDPStrategy(max_grad_norm=1.0, seed=3, max_physical_batch_size=4),
+        accelerator="cpu", devices=2, max_steps=max_steps, logger=False, enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[accountant, ModelCheckpoint(dirpath=f"{out}/ckpt", every_n_train_steps=3, save_top_k=-1)],
+    )
+    module = LanguageModel()
+    trainer.fit(module, DataLoader(data, batch_size=16), ckpt_path=ckpt)
+    params = {n: p.full_tensor() for n, p in module.named_parameters()}
+    private = trainer.strategy.private
+    if trainer.global_rank == 0:
+        torch.save(params, f"{out}/params.pt")
+        with open(f"{out}/result.json", "w") as f:
+            json.dump({
+                "epsilon": accountant.epsilon,
+                "logged": float(trainer.callback_metrics["epsilon"]),
+                "ledger_steps": private.ledger.steps,
+                "global_step": trainer.global_step,
+                "sigma": private.privacy.noise_multiplier,
+                "q": private.sample_rate,
+                "delta": accountant.delta,
+                "groups": sorted(lightning_dp.group_thresholds(module)),
+            }, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Trainer(strategy="dp_fsdp", accelerator="cpu", devices=2): epsilon and resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_dp.accounting import epsilon
+
+SCRIPT = Path(__file__).with_name("fsdp_trainer_run.py")
+
+
+def _run(out: Path, max_steps: int, ckpt: Path | None = None) -> dict:
+    args = [sys.executable, str(SCRIPT), str(out), str(max_steps)] + ([str(ckpt)] if ckpt else [])
+    done = subprocess.run(args, capture_output=True, text=True, timeout=400, cwd=out)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return json.loads((out / "result.json").read_text())
+
+
+def test_dp_fsdp_trains_logs_the_accountants_epsilon_and_resumes(tmp_path):
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    full_dir.mkdir(), resumed_dir.mkdir()
+    full = _run(full_dir, 6)
+    assert full["global_step"] == full["ledger_steps"] == 6
+    assert full["groups"] == ["model", "model.blocks.0", "model.blocks.1"]  # one group per unit
+    want = epsilon(noise_multiplier=full["sigma"], sample_rate=full["q"], steps=6, delta=full["delta"], accountant="rdp")
+    assert full["epsilon"] == pytest.approx(want, rel=1e-9) and want <= 4.0
+    assert full["logged"] == pytest.approx(want, rel=1e-6)
+
+    checkpoint = next((full_dir / "ckpt").glob("*step=3*"))
+    resumed = _run(resumed_dir, 6, checkpoint)
+    assert resumed["global_step"] == resumed["ledger_steps"] == 6
+    assert resumed["epsilon"] == full["epsilon"] and resumed["sigma"] == full["sigma"]
+    a = torch.load(full_dir / "params.pt", weights_only=True)
+    b = torch.load(resumed_dir / "params.pt", weights_only=True)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
