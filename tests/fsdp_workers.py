@@ -49,3 +49,34 @@ def noise_on_zero_gradients(rank: int, world_size: int, sigma: float, expected: 
                                 expected_batch_size=expected, generator=generator)
         samples.append(torch.cat([p.grad.full_tensor().flatten() for p in model.parameters()]))
     torch.save({"samples": torch.stack(samples), "sensitivity": sens}, f"{out}/rank{rank}.pt")
+
+
+def count_collectives(rank: int, world_size: int, out: str) -> None:
+    """Collectives in one forward+backward: plain FSDP2 vs private FSDP2 ("unit", "layer")."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    counts = {}
+    for clipping in (None, "unit", "layer"):
+        if clipping is None:
+            torch.manual_seed(0)
+            model = TinyTransformer()
+            mesh = init_device_mesh("cpu", (world_size,))
+            for block in model.blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            sum_gradients_across_ranks(model)
+        else:
+            model = sharded_private_model(world_size, clipping)
+        per_example_loss(model, batch()[:3]).sum().backward()  # warm-up
+        with CommDebugMode() as comm:
+            per_example_loss(model, batch()[:3]).sum().backward()
+        counts[str(clipping)] = {str(k): v for k, v in comm.get_comm_counts().items()}
+    torch.save(counts, f"{out}/counts-rank{rank}.pt")
+
+
+def all_engine_checks(rank: int, world_size: int, out: str, sigma: float, expected: float, steps: int) -> None:
+    """One spawn for every engine-level FSDP check (process start-up dominates their cost)."""
+    clipped_sum_on_my_half(rank, world_size, ["unit", "layer"], out)
+    count_collectives(rank, world_size, out)
+    noise_on_zero_gradients(rank, world_size, sigma, expected, steps, out)

@@ -5,10 +5,22 @@ from __future__ import annotations
 import torch
 from distributed import run_on_ranks
 from fsdp_models import TinyTransformer, per_example_loss
-from fsdp_workers import BATCH, batch, clipped_sum_on_my_half, noise_on_zero_gradients
+import pytest
+from fsdp_workers import BATCH, all_engine_checks, batch
 from scipy import stats
 
 import lightning_dp as ldp
+
+SIGMA, EXPECTED, STEPS = 1.5, 4.0, 40
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Run every 2-rank check in one spawn; tests read what the ranks saved."""
+    out = tmp_path_factory.mktemp("fsdp")
+    run_on_ranks(all_engine_checks, 2, out, str(out), SIGMA, EXPECTED, STEPS)
+    return out
+
 
 UNITS = {"blocks.0": ["blocks.0"], "blocks.1": ["blocks.1"], "(root)": ["embed", "head"]}
 
@@ -20,10 +32,9 @@ def _single_process(clipping):
     return {n: p.grad for n, p in model.named_parameters()}, ldp.group_norms(model)
 
 
-def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
-    run_on_ranks(clipped_sum_on_my_half, 2, tmp_path, ["unit", "layer"], str(tmp_path))
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(results):
     for clipping in ("unit", "layer"):
-        _check_equal_to_single_process(tmp_path, clipping)
+        _check_equal_to_single_process(results, clipping)
 
 
 def _check_equal_to_single_process(tmp_path, clipping):
@@ -39,11 +50,10 @@ def _check_equal_to_single_process(tmp_path, clipping):
         assert got.shape == (BATCH,)
 
 
-def test_noise_variance_is_sigma_s_over_qn_on_each_coordinate_once(tmp_path):
+def test_noise_variance_is_sigma_s_over_qn_on_each_coordinate_once(results):
     """Noise added on every rank (or scaled by 1/W, 1/sqrt(W)) changes the variance: rejected."""
-    sigma, expected, steps = 1.5, 4.0, 40
-    run_on_ranks(noise_on_zero_gradients, 2, tmp_path, sigma, expected, steps, str(tmp_path))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    sigma, expected, steps = SIGMA, EXPECTED, STEPS
+    ranks = [torch.load(results / f"rank{r}.pt", weights_only=True) for r in range(2)]
     torch.testing.assert_close(ranks[0]["samples"], ranks[1]["samples"])  # replicas agree
     samples = ranks[0]["samples"].flatten().double()
     std = sigma * ranks[0]["sensitivity"] / expected
@@ -55,3 +65,9 @@ def test_noise_variance_is_sigma_s_over_qn_on_each_coordinate_once(tmp_path):
     # rank 0 owns the first rows of each weight, rank 1 the rest: their streams must differ
     first_weight = per_step[:, : 8 * 17].reshape(steps, 17, 8)  # embed.weight, sharded on dim 0
     assert not torch.allclose(first_weight[:, :8], first_weight[:, 8:16])
+
+
+def test_private_fsdp_uses_exactly_the_collectives_of_plain_fsdp(results):
+    counts = torch.load(results / "counts-rank0.pt", weights_only=False)
+    assert sum(counts["None"].values()) > 0, counts  # the counter sees FSDP's collectives
+    assert counts["unit"] == counts["None"] and counts["layer"] == counts["None"], counts
