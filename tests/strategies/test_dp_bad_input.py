@@ -98,3 +98,20 @@ class Opaque(Classifier):
 def test_undetectable_scalar_reduction_asks_for_per_example_losses():
     with pytest.raises(ValueError, match=r"cannot tell whether.*reduction='none'"):
         _fit(model=Opaque())
+
+
+class Manual(Classifier):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        loss = super().training_step(batch, batch_idx).sum()
+        self.manual_backward(loss)
+        opt.step()
+
+
+def test_manual_optimization_is_refused():
+    with pytest.raises(ValueError, match=r"automatic optimization only"):
+        _fit(model=Manual())

@@ -153,3 +153,21 @@ def test_training_stops_before_the_budget_is_exceeded():
     one_more = epsilon(noise_multiplier=1.0, sample_rate=q, steps=t.global_step + 1, delta=accountant.delta, accountant="rdp")
     assert spent <= 1.0 < one_more
     assert t.global_step < 50 * round(N / BATCH)
+
+
+class WithValidation(Classifier):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+
+def test_validation_runs_the_plain_model_and_charges_nothing():
+    model = WithValidation()
+    strategy = lightning_dp.DPStrategy(noise_multiplier=1.0, seed=SEED)
+    t = trainer(strategy, max_epochs=2, num_sanity_val_steps=2)
+    data = DataLoader(toy_dataset(N), batch_size=BATCH)
+    t.fit(model, data, DataLoader(toy_dataset(40, seed=1), batch_size=20))
+    assert strategy.private.ledger.steps == t.global_step == 2 * round(N / BATCH)
+    t.validate(model, DataLoader(toy_dataset(40, seed=1), batch_size=20), verbose=False)
+    assert strategy.private.ledger.steps == t.global_step  # validation charged no budget
+    assert "val_loss" in t.callback_metrics
