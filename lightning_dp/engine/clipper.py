@@ -61,6 +61,8 @@ class Site:
     clipper: Clipper
     #: local parameter name -> canonical (deduplicated) parameter name in the model
     param_keys: dict[str, str]
+    #: position among the model's sites (names the call in compiled graphs)
+    index: int = 0
     original_forward: object = None
     shadowed_forward: bool = False
     groups: list[str] = field(default_factory=list)
@@ -73,10 +75,16 @@ class Site:
         return torch.is_grad_enabled() and self.clipper.enabled
 
     def begin(self) -> None:
-        self.clipper.on_forward(self)
+        if not self.clipper.functional:
+            self.clipper.on_forward(self)
 
-    def record(self, use: GradUse) -> None:
+    def record(self, use: GradUse) -> dict[str, Tensor] | None:
+        """Hand over one call's gradient factors. Eager: the clipper writes ``.grad`` later and
+        this returns None. Compiled: returns the clipped parameter gradients for autograd."""
+        if self.clipper.functional:
+            return self.clipper.deferred_grads(self, use)
         self.clipper.on_backward(self, use)
+        return None
 
 
 class Clipper:
@@ -92,6 +100,10 @@ class Clipper:
         self.clip_fn_name = clip_fn
         self.gamma = gamma
         self.enabled = True
+        #: Set by ``lightning_dp.compile``: primitives return clipped gradients to autograd and
+        #: groups are joined by the graph pass instead of by the book-keeping below.
+        self.functional = False
+        self.id: int | None = None
         #: Under FSDP a unit's gradient is reduce-scattered as soon as its backward ends: a group
         #: still open at the end of the backward would be released unclipped or lost, so raise.
         self.require_prompt_finish = False
@@ -152,7 +164,6 @@ class Clipper:
         self._pending.pop(group_name, None)
         if not uses:
             return
-        group = self.groups[group_name]
         batch_sizes = {use.batch_size for _, use in uses}
         if len(batch_sizes) != 1:
             paths = sorted({site.path for site, _ in uses})
@@ -180,6 +191,17 @@ class Clipper:
                 summed = sum(upcast(use.per_example(local)) for use, local in calls)
                 term = summed.pow(2).flatten(1).sum(1)
             norm_sq = term if norm_sq is None else norm_sq + term
+        scale = self.scale_from_norm_sq(group_name, norm_sq)
+        for calls in contributions.values():
+            for use, local in calls:
+                _accumulate(use.params[local], use.clipped_grad(local, scale))
+
+    def scale_from_norm_sq(self, group_name: str, norm_sq: Tensor) -> Tensor:
+        """Per-example clip factors of a group from its squared norms; records its stats.
+
+        A non-finite norm gets factor 0, so that example adds exactly nothing to the group.
+        """
+        group = self.groups[group_name]
         norms = norm_sq.sqrt()
         finite = torch.isfinite(norms)
         scale = self.clip_fn(norms, group.threshold, self.gamma)
@@ -189,9 +211,28 @@ class Clipper:
             clipped=(norms > group.threshold).sum(),
             nonfinite=(~finite).sum(),
         )
-        for calls in contributions.values():
-            for use, local in calls:
-                _accumulate(use.params[local], use.clipped_grad(local, scale))
+        return scale
+
+    def deferred_grads(self, site: Site, use: GradUse) -> dict[str, Tensor]:
+        """Compiled mode: this call's clipped gradients, the group factors left to the graph pass.
+
+        Each group this call touches gets one ``group_scale`` node over the call's share of the
+        group's squared norms; ``lightning_dp.passes`` joins the nodes of a group into one.
+        """
+        from lightning_dp.engine.deferred_ops import group_scale
+
+        by_group: dict[str, list[str]] = defaultdict(list)
+        for local in use.params:
+            by_group[self.group_of[site.param_keys[local]]].append(local)
+        grads = {}
+        for group_name, names in by_group.items():
+            norm_sq = use.norm_sq(names[0])
+            for name in names[1:]:
+                norm_sq = norm_sq + use.norm_sq(name)
+            scale = group_scale(norm_sq, self.id, group_name, site.index)
+            for name in names:
+                grads[name] = use.clipped_grad(name, scale).to(use.params[name].dtype)
+        return grads
 
 
 def _accumulate(param: Tensor, grad: Tensor) -> None:

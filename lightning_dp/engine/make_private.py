@@ -118,8 +118,8 @@ def make_private(
 
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     state = PrivateState(clipper=clipper, sites=[], params=params, clipping=clipping)
-    for path, module, rule, keys in planned:
-        site = Site(path=path, module=module, rule=rule, clipper=clipper, param_keys=keys)
+    for index, (path, module, rule, keys) in enumerate(planned):
+        site = Site(path=path, module=module, rule=rule, clipper=clipper, param_keys=keys, index=index)
         site.groups = sorted({clipper.group_of[k] for k in keys.values()})
         _route_forward(site)
         state.sites.append(site)

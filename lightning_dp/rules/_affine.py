@@ -59,8 +59,8 @@ class _AffineFn(torch.autograd.Function):
         weight = ctx.weight
         grad_xhat = g if weight is None else g * _broadcast(weight, g, ctx.channel_dim)
         params = {n: p for n, p in (("weight", weight), ("bias", ctx.bias)) if trainable(p)}
-        ctx.site.record(AffineUse(xhat, g, params, ctx.channel_dim))
-        return None, None, grad_xhat, None, None
+        grads = ctx.site.record(AffineUse(xhat, g, params, ctx.channel_dim)) or {}
+        return None, None, grad_xhat, grads.get("weight"), grads.get("bias")
 
 
 def affine(site, xhat: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: int | None = None) -> Tensor:

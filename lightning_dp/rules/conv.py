@@ -122,8 +122,8 @@ class _ConvFn(torch.autograd.Function):
                 [0] * len(spec.kernel_size), spec.groups, [True, False, False],
             )
         params = {n: p for n, p in (("weight", ctx.weight), ("bias", ctx.bias)) if trainable(p)}
-        ctx.site.record(ConvUse(x, g, params, spec, w, ctx.site.options.norm_method))
-        return None, None, grad_x, None, None
+        grads = ctx.site.record(ConvUse(x, g, params, spec, w, ctx.site.options.norm_method)) or {}
+        return None, None, grad_x, grads.get("weight"), grads.get("bias")
 
 
 def _explicit_padding(module: nn.modules.conv._ConvNd, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:

@@ -57,8 +57,8 @@ class _EmbeddingFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         (ids,) = ctx.saved_tensors
-        ctx.site.record(EmbeddingUse(ids, g, ctx.weight, ctx.padding_idx))
-        return None, None, None, None
+        grads = ctx.site.record(EmbeddingUse(ids, g, ctx.weight, ctx.padding_idx)) or {}
+        return None, None, None, grads.get("weight")
 
 
 @rules.register(nn.Embedding)

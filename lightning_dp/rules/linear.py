@@ -110,10 +110,10 @@ class _LinearFn(torch.autograd.Function):
             grad_x = g.matmul(w.t() if ctx.transposed else w)
         params = {n: p for n, p in (("weight", ctx.weight), ("bias", ctx.bias)) if trainable(p)}
         site = ctx.site
-        site.record(
+        grads = site.record(
             LinearUse(x, g, params, transposed=ctx.transposed, norm_method=site.options.norm_method)
-        )
-        return None, None, grad_x, None, None
+        ) or {}
+        return None, None, grad_x, grads.get("weight"), grads.get("bias")
 
 
 def linear(site, x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool = False) -> Tensor:

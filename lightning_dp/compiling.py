@@ -1,0 +1,89 @@
+"""``lightning_dp.compile``: torch.compile a private model with clipping fused into its backward.
+
+Order of operations: check that every private module can run functionally, switch the clipper to
+compiled mode (primitives return clipped gradients to autograd; groups are joined by the graph
+pass instead of Python book-keeping), then compile with inductor and the pass installed through
+``options`` (inductor applies them with ``config.patch`` for this compilation only).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_dp.engine import deferred_ops
+from lightning_dp.engine.make_private import _state
+from lightning_dp.rules import FuncFallbackRule
+
+PASS_OPTION = "post_grad_custom_pre_pass"
+
+
+def prepare_for_compile(model: nn.Module) -> dict[str, Any]:
+    """Switch a private model to compiled mode; return the DP settings that shape its graph."""
+    state = _state(model)
+    clipper = state.clipper
+    refused = [f"`{site.path or '(root)'}`" for site in state.sites if isinstance(site.rule, FuncFallbackRule)]
+    if refused:
+        raise ValueError(
+            f"lightning_dp.compile: modules {refused} use the torch.func fallback, which records "
+            "per-call state in the backward and cannot be compiled. Register a rule for them "
+            "(@lightning_dp.rules.register), freeze them, or train this model without compile."
+        )
+    shared = _shared_parameters(state)
+    if shared:
+        raise ValueError(
+            f"lightning_dp.compile: parameters {shared} are used by several modules (tied weights); "
+            "their per-example gradient is the sum over the uses, which only the eager engine "
+            "instantiates. Untie them or train this model without compile."
+        )
+    if not clipper.functional:
+        clipper.functional = True
+        clipper.id = deferred_ops.register_clipper(clipper)
+        # Compiled primitives return clipped gradients through autograd, which the eager leak
+        # guard would reject: it is replaced by the refusal of shared parameters above.
+        for hook in state.hooks:
+            hook.remove()
+        state.hooks = []
+    return {
+        "clip_fn": clipper.clip_fn_name,
+        "gamma": clipper.gamma,
+        "groups": {name: group.params for name, group in clipper.groups.items()},
+        "norm_method": clipper.options.norm_method,
+    }
+
+
+def compile(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
+    """``torch.compile`` a model made private by ``make_private``, with the DP graph pass.
+
+    Per-layer clipping compiles into each layer's backward (norm, scale and weight-gradient
+    matmul fused by inductor); flat and group clipping run in the same single backward, their
+    weight gradients scheduled after the group's norm reduction. Keyword arguments go to
+    ``torch.compile`` (``fullgraph=True`` works); the backend must be inductor.
+    """
+    backend = compile_kwargs.get("backend", "inductor")
+    if backend != "inductor":
+        raise ValueError(
+            f"lightning_dp.compile: backend={backend!r}; the DP graph pass runs inside inductor, "
+            "so only backend='inductor' is supported."
+        )
+    from lightning_dp.passes import DPGraphPass
+
+    options = dict(compile_kwargs.pop("options", None) or {})
+    if options.get(PASS_OPTION) is not None:
+        raise ValueError(
+            f"lightning_dp.compile: options[{PASS_OPTION!r}] is already set; lightning-dp needs "
+            "that hook for its graph pass. Run your pass through post_grad_custom_post_pass."
+        )
+    options[PASS_OPTION] = DPGraphPass(prepare_for_compile(model))
+    return torch.compile(model, options=options, **compile_kwargs)
+
+
+def _shared_parameters(state: Any) -> list[str]:
+    """Canonical names of parameters reached through more than one private module."""
+    owners: dict[str, int] = {}
+    for site in state.sites:
+        for canonical in set(site.param_keys.values()):
+            owners[canonical] = owners.get(canonical, 0) + 1
+    return sorted(name for name, count in owners.items() if count > 1)

@@ -1,0 +1,90 @@
+"""Join each clipping group's ``group_scale`` nodes into one ``clip_scale`` after all its norms.
+
+In the compiled backward every DP primitive emits ``group_scale(norm_sq, clipper, group, site)``
+and uses the result to scale its output-gradient rows before the weight-gradient matmul. This
+pass replaces the nodes of one group by a single ``clip_scale([norm_sq, ...], clipper, group)``
+placed after the last member's norm, then re-sorts the graph so that every weight-gradient
+computation of the group runs after it: flat and group clipping in one backward pass
+(book-keeping), per-layer clipping fused with its own layer's backward.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import defaultdict
+
+import torch
+from torch import fx
+
+import lightning_dp.engine.deferred_ops  # noqa: F401  (registers the ops)
+
+GROUP_SCALE = torch.ops.lightning_dp.group_scale.default
+CLIP_SCALE = torch.ops.lightning_dp.clip_scale.default
+
+#: Rewrites done in this process (tests assert on it).
+counters: dict[str, int] = defaultdict(int)
+
+
+def join_group_scales(graph: fx.Graph) -> int:
+    """Replace every group's ``group_scale`` nodes by one ``clip_scale``; return groups joined."""
+    members: dict[tuple[int, str], list[fx.Node]] = defaultdict(list)
+    for node in graph.nodes:
+        if node.target is GROUP_SCALE:
+            _, clipper, group, _ = node.args
+            members[(clipper, group)].append(node)
+    if not members:
+        return 0
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    for (clipper, group), nodes in members.items():
+        _check_one_call_per_site(group, nodes)
+        norms = [node.args[0] for node in nodes]
+        last = max(norms, key=position.__getitem__)
+        with graph.inserting_after(last):
+            joined = graph.call_function(CLIP_SCALE, (norms, clipper, group))
+        joined.meta["val"] = nodes[0].meta.get("val")
+        for node in nodes:
+            node.replace_all_uses_with(joined)
+            graph.erase_node(node)
+    stable_topological_sort(graph)
+    graph.lint()
+    counters["groups_joined"] += len(members)
+    return len(members)
+
+
+def _check_one_call_per_site(group: str, nodes: list[fx.Node]) -> None:
+    sites = [node.args[3] for node in nodes]
+    if len(set(sites)) != len(sites):
+        raise RuntimeError(
+            f"lightning-dp: a module of clipping group {group!r} is called more than once per "
+            "forward in a compiled model; its per-example gradient is the sum over its calls, "
+            "which the compiled path does not instantiate. Train this model without "
+            "lightning_dp.compile (the eager engine handles repeated calls)."
+        )
+
+
+def stable_topological_sort(graph: fx.Graph) -> None:
+    """Reorder nodes so every node follows its inputs, keeping the given order where possible."""
+    nodes = list(graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    waiting = {node: len(set(node.all_input_nodes)) for node in nodes}
+    ready = [node for node in nodes if waiting[node] == 0 and node.op != "output"]
+    order: list[fx.Node] = []
+    heap = [(position[node], node.name) for node in ready]
+    by_name = {node.name: node for node in nodes}
+    heapq.heapify(heap)
+    output = next(node for node in nodes if node.op == "output")
+    while heap:
+        _, name = heapq.heappop(heap)
+        node = by_name[name]
+        order.append(node)
+        for user in node.users:
+            waiting[user] -= 1
+            if waiting[user] == 0 and user is not output:
+                heapq.heappush(heap, (position[user], user.name))
+    if len(order) != len(nodes) - 1:
+        raise RuntimeError("lightning-dp: the graph has a cycle after joining clipping groups")
+    cursor = order[0]
+    for node in order[1:]:
+        cursor.append(node)
+        cursor = node
+    cursor.append(output)
