@@ -2,6 +2,7 @@
 
 from lightning_dp import strategies  # noqa: F401  (registers "dp" in Lightning's StrategyRegistry)
 from lightning_dp.callbacks import PrivacyAccountant
+from lightning_dp.compiling import compile
 from lightning_dp.engine import (
     PrivacyLeakError,
     group_norms,
@@ -18,6 +19,7 @@ __all__ = [
     "DPStrategy",
     "PrivacyAccountant",
     "PrivacyLeakError",
+    "compile",
     "group_norms",
     "group_thresholds",
     "make_private",

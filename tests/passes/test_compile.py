@@ -1,0 +1,154 @@
+"""Compiled DP training (lightning_dp.compile + the graph pass) against the single-example oracle.
+
+Compilation on CPU costs seconds per model, so one compound model covers the compiled rules
+(embedding, conv, group/layer norm, linear on 3-D inputs) and each test compiles once.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import lightning_dp as ldp
+from lightning_dp.passes import DPGraphPass
+from lightning_dp.passes.join_group_scales import counters
+from oracle import clipped_sum, median_threshold, per_example_grads
+
+
+class Compound(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(17, 8)
+        self.conv = nn.Conv1d(8, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.mix = nn.Linear(8, 8)
+        self.ln = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.gn(self.conv(self.embed(ids).transpose(1, 2))).transpose(1, 2)
+        h = self.ln(torch.tanh(self.mix(h)))
+        return self.head(h.mean(1))
+
+
+def loss_fn(model: nn.Module, ids: Tensor) -> Tensor:
+    out = model(ids)
+    return (out.tanh() + 0.5 * out.pow(2)).sum()
+
+
+GROUPS = {
+    "layer": lambda names: {m: [n for n in names if n.startswith(m + ".")] for m in ("embed", "conv", "gn", "mix", "ln", "head")},
+    "flat": lambda names: {"flat": names},
+    "unit": lambda names: {m: [n for n in names if n.startswith(m + ".")] for m in ("embed", "conv", "gn", "mix", "ln", "head")},
+    "custom": lambda names: {"body": [n for n in names if not n.startswith("head")], "head": ["head.weight", "head.bias"]},
+}
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = Compound().double()
+    ids = torch.randint(0, 17, (6, 5))
+    ids[:, -1] = ids[:, 0]  # repeated tokens within an example
+    return model, ids
+
+
+@pytest.mark.parametrize(("clipping", "clip_fn"), [
+    ("layer", "abadi"), ("flat", "abadi"), ("unit", "abadi"), ("custom", "automatic"),
+])
+def test_compiled_gradients_equal_the_single_example_oracle(clipping, clip_fn):
+    model, ids = _setup()
+    names = [n for n, _ in model.named_parameters()]
+    groups = GROUPS[clipping](names)
+    grads = per_example_grads(model, [ids[i : i + 1] for i in range(len(ids))], loss_fn)
+    thresholds = {g: median_threshold(grads, members) for g, members in groups.items()}
+    expected, norms = clipped_sum(grads, groups, thresholds, clip_fn)
+    assert all(max(norms[g]) > thresholds[g] for g in groups)  # clipping is really exercised
+
+    spec = {"body": ["embed", "conv", "gn", "mix", "ln"], "head": ["head"]} if clipping == "custom" else clipping
+    private = ldp.make_private(copy.deepcopy(model), clipping=spec, clip_fn=clip_fn, max_grad_norm=thresholds)
+    before = counters["groups_joined"]
+    compiled = ldp.compile(private, fullgraph=True)
+    loss_fn(compiled, ids).backward()
+
+    assert counters["groups_joined"] - before == len(groups)
+    for name, param in private.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-9, atol=1e-11)
+    for group, got in ldp.group_norms(private).items():
+        torch.testing.assert_close(got, torch.tensor(norms[group], dtype=got.dtype), rtol=1e-9, atol=1e-11)
+
+
+def test_no_graph_breaks_and_no_recompiles_across_steps_and_thresholds():
+    model, ids = _setup()
+    private = ldp.make_private(model, clipping="flat", max_grad_norm=1.0)
+    compiled = ldp.compile(private, fullgraph=True, dynamic=False)
+    torch._dynamo.utils.counters.clear()
+    first = None
+    for step in range(3):
+        private.zero_grad(set_to_none=True)
+        loss_fn(compiled, torch.randint(0, 17, ids.shape, generator=torch.Generator().manual_seed(step))).backward()
+        norms = ldp.group_norms(private)["flat"]
+        first = first if first is not None else norms.clone()
+        ldp.engine.clipper_of(private).groups["flat"].threshold = 0.5 * (step + 1)  # adaptive-style update
+    stats = torch._dynamo.utils.counters
+    assert sum(stats["graph_break"].values()) == 0
+    assert stats["stats"]["unique_graphs"] == 1  # compiled once, reused for every step and threshold
+    # the threshold read at run time really changed the clipping (not baked into the graph)
+    grad_norm = torch.cat([p.grad.flatten() for p in private.parameters()]).norm()
+    assert grad_norm <= 1.5 * len(ids) + 1e-9
+    assert not torch.equal(norms, first)
+
+
+def test_a_graph_compiled_without_the_pass_refuses_to_run():
+    model, ids = _setup()
+    private = ldp.make_private(model, clipping="flat")
+    from lightning_dp.compiling import prepare_for_compile
+
+    prepare_for_compile(private)
+    compiled = torch.compile(private, backend="aot_eager")  # no inductor, so no DP graph pass
+    with pytest.raises(RuntimeError, match="without the lightning_dp graph pass"):
+        loss_fn(compiled, ids).backward()
+
+
+def test_pass_is_inert_in_inference_graphs():
+    model, ids = _setup()
+    private = ldp.make_private(model, clipping="layer")
+    compiled = ldp.compile(private)
+    before = counters["groups_joined"]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids), model(ids))
+    assert counters["groups_joined"] == before
+
+
+def test_uuid_covers_the_dp_settings():
+    a = DPGraphPass({"clip_fn": "abadi", "groups": {"flat": ["w"]}})
+    assert a.uuid() == DPGraphPass({"clip_fn": "abadi", "groups": {"flat": ["w"]}}).uuid()
+    assert a.uuid() != DPGraphPass({"clip_fn": "automatic", "groups": {"flat": ["w"]}}).uuid()
+    assert a.uuid() != DPGraphPass({"clip_fn": "abadi", "groups": {"a": ["w"]}}).uuid()
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 4)
+        self.head = nn.Linear(4, 5, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.embed(ids))
+
+
+def test_refuses_what_the_compiled_path_cannot_clip_exactly():
+    with pytest.raises(ValueError, match=r"\['embed.weight'\] are used by several modules"):
+        ldp.compile(ldp.make_private(Tied()))
+    with pytest.raises(ValueError, match="backend='inductor'"):
+        ldp.compile(ldp.make_private(nn.Linear(2, 2)), backend="eager")
