@@ -54,14 +54,9 @@ def prepare_for_compile(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def compile(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
-    """``torch.compile`` a model made private by ``make_private``, with the DP graph pass.
-
-    Per-layer clipping compiles into each layer's backward (norm, scale and weight-gradient
-    matmul fused by inductor); flat and group clipping run in the same single backward, their
-    weight gradients scheduled after the group's norm reduction. Keyword arguments go to
-    ``torch.compile`` (``fullgraph=True`` works); the backend must be inductor.
-    """
+def _with_dp_pass(model: nn.Module, compile_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``torch.compile`` keyword arguments with the DP graph pass installed in ``options``."""
+    compile_kwargs = dict(compile_kwargs)
     backend = compile_kwargs.get("backend", "inductor")
     if backend != "inductor":
         raise ValueError(
@@ -77,7 +72,24 @@ def compile(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
             "that hook for its graph pass. Run your pass through post_grad_custom_post_pass."
         )
     options[PASS_OPTION] = DPGraphPass(prepare_for_compile(model))
-    return torch.compile(model, options=options, **compile_kwargs)
+    return {**compile_kwargs, "options": options}
+
+
+def compile(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
+    """``torch.compile`` a model made private by ``make_private``, with the DP graph pass.
+
+    Per-layer clipping compiles into each layer's backward (norm, scale and weight-gradient
+    matmul fused by inductor); flat and group clipping run in the same single backward, their
+    weight gradients scheduled after the group's norm reduction. Keyword arguments go to
+    ``torch.compile`` (``fullgraph=True`` works); the backend must be inductor.
+    """
+    return torch.compile(model, **_with_dp_pass(model, compile_kwargs))
+
+
+def compile_in_place(module: nn.Module, **compile_kwargs: Any) -> None:
+    """As :func:`compile`, but compiles ``module``'s own call (``nn.Module.compile``), so a
+    LightningModule keeps its identity and ``self(x)`` in ``training_step`` runs compiled."""
+    module.compile(**_with_dp_pass(module, compile_kwargs))
 
 
 def _shared_parameters(state: Any) -> list[str]:

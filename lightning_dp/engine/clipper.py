@@ -104,6 +104,9 @@ class Clipper:
         #: groups are joined by the graph pass instead of by the book-keeping below.
         self.functional = False
         self.id: int | None = None
+        #: Fixed-shape micro-batches: only the first ``real_rows`` examples are real, the rest is
+        #: padding whose contribution must be exactly zero. None: every row is real.
+        self.real_rows: int | None = None
         #: Under FSDP a unit's gradient is reduce-scattered as soon as its backward ends: a group
         #: still open at the end of the backward would be released unclipped or lost, so raise.
         self.require_prompt_finish = False
@@ -199,17 +202,21 @@ class Clipper:
     def scale_from_norm_sq(self, group_name: str, norm_sq: Tensor) -> Tensor:
         """Per-example clip factors of a group from its squared norms; records its stats.
 
-        A non-finite norm gets factor 0, so that example adds exactly nothing to the group.
+        A non-finite norm, or a padding row, gets factor 0: that row adds exactly nothing.
         """
         group = self.groups[group_name]
         norms = norm_sq.sqrt()
         finite = torch.isfinite(norms)
+        keep = finite
+        if self.real_rows is not None:
+            keep = keep & (torch.arange(norms.shape[0], device=norms.device) < self.real_rows)
         scale = self.clip_fn(norms, group.threshold, self.gamma)
-        scale = torch.where(finite, scale, torch.zeros_like(scale))
+        scale = torch.where(keep, scale, torch.zeros_like(scale))
+        real = slice(None, self.real_rows)
         self.stats[group_name] = GroupStats(
-            norms=norms.detach(),
-            clipped=(norms > group.threshold).sum(),
-            nonfinite=(~finite).sum(),
+            norms=norms[real].detach(),
+            clipped=(norms[real] > group.threshold).sum(),
+            nonfinite=(~finite[real]).sum(),
         )
         return scale
 

@@ -48,6 +48,10 @@ class DPStrategy(PrivateStepMixin, SingleDeviceStrategy):
             autograd graph), ``"sum"`` or ``"mean"``. Per-example losses (shape [B]) need none.
         norm_method: per-layer norm algorithm (speed only).
         fallback: handle modules without a rule with the torch.func fallback.
+        compile: ``torch.compile`` the LightningModule's forward with the DP graph pass
+            (``lightning_dp.compile``); micro-batches are padded to ``max_physical_batch_size``
+            (default: a multiple of 8 above the expected batch size) so that Poisson batch
+            sizes never recompile, and padding rows are clipped to exactly zero.
         device: the device; None takes the accelerator's.
     """
 
@@ -68,6 +72,7 @@ class DPStrategy(PrivateStepMixin, SingleDeviceStrategy):
         loss_reduction: LossReduction = "auto",
         norm_method: NormMethod = "auto",
         fallback: bool = False,
+        compile: bool = False,
         device: str | torch.device | None = None,
         accelerator: Any = None,
         checkpoint_io: Any = None,
@@ -80,7 +85,7 @@ class DPStrategy(PrivateStepMixin, SingleDeviceStrategy):
         self._device_given = device is not None
         self.private = PrivateTraining(
             PrivacySettings(clipping, clip_fn, max_grad_norm, gamma, noise_multiplier, poisson, secure_mode),
-            SpeedSettings(max_physical_batch_size, norm_method, fallback),
+            SpeedSettings(max_physical_batch_size, norm_method, fallback, compile),
             seed,
             loss_reduction,
         )

@@ -17,6 +17,8 @@ from lightning.pytorch.trainer.states import RunningStage
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from lightning_dp.data.microbatch import pad_batch
+from lightning_dp.engine import clipper_of
 from lightning_dp.strategies.loss import empty_loss, summed_loss
 from lightning_dp.strategies.poisson_loader import poisson_dataloader, sample_rate_of
 from lightning_dp.strategies.private_training import PrivateTraining, batch_size_of, split_batch
@@ -41,9 +43,11 @@ class PrivateStepMixin:
         num_samples, sample_rate = sample_rate_of(dataloader)
         if not self.private.privacy.poisson:
             self.private.num_samples, self.private.sample_rate = num_samples, sample_rate
+            self.private.fix_physical_batch_size()
             return dataloader
         rank, world_size = self.data_parallel_rank_and_size()
         sampler = self.private.make_sampler(num_samples, sample_rate, rank, world_size)
+        self.private.fix_physical_batch_size()
         return poisson_dataloader(dataloader, sampler)
 
     def data_parallel_rank_and_size(self) -> tuple[int, int]:
@@ -67,6 +71,9 @@ class PrivateStepMixin:
         return self._micro_step(first, rest, kwargs)
 
     def _micro_step(self, micro_batch: Any, rest: tuple, kwargs: dict) -> Any:
+        if self.private.speed.compile:  # one shape for the compiled model; padding clipped to 0
+            clipper_of(self.lightning_module).real_rows = batch_size_of(micro_batch)
+            micro_batch, _ = pad_batch(micro_batch, self.private.speed.max_physical_batch_size)
         micro_batch = super().batch_to_device(micro_batch)
         output = super().training_step(micro_batch, *rest, **kwargs)
         loss = output["loss"] if isinstance(output, dict) else output
@@ -81,6 +88,7 @@ class PrivateStepMixin:
                 output = self._micro_step(micro_batch, rest, step_kwargs)
                 (output["loss"] if isinstance(output, dict) else output).backward()
             self._later_micro_batches = []
+            clipper_of(self.lightning_module).real_rows = None
             rank, _ = self.data_parallel_rank_and_size()
             self.private.noise_and_normalize(self.lightning_module, rank, self.root_device)
             return result

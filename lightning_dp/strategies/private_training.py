@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_dp.accounting import PrivacyLedger
+from lightning_dp.compiling import compile_in_place
 from lightning_dp.data import PoissonBatchSampler
 from lightning_dp.engine import is_private, make_private, sensitivity
 from lightning_dp.engine.clip_fns import ClipFn
@@ -48,6 +49,9 @@ class SpeedSettings:
     max_physical_batch_size: int | None = None
     norm_method: NormMethod = "auto"
     fallback: bool = False
+    #: torch.compile the model with the DP graph pass; micro-batches are then padded to one
+    #: shape (``max_physical_batch_size``) so Poisson batch sizes never recompile.
+    compile: bool = False
 
 
 def batch_size_of(batch: Any) -> int:
@@ -110,6 +114,8 @@ class PrivateTraining:
             module, clipping=p.clipping, clip_fn=p.clip_fn, max_grad_norm=p.max_grad_norm,
             gamma=p.gamma, norm_method=self.speed.norm_method, fallback=self.speed.fallback,
         )
+        if self.speed.compile:
+            compile_in_place(module, dynamic=False)
 
     # -- data ----------------------------------------------------------------------------
     def make_sampler(self, num_samples: int, sample_rate: float, rank: int, world_size: int) -> PoissonBatchSampler:
@@ -128,6 +134,15 @@ class PrivateTraining:
     @property
     def expected_batch_size(self) -> float:
         return self.sample_rate * self.num_samples
+
+    def fix_physical_batch_size(self) -> None:
+        """Under compile, pick one micro-batch shape if the user gave none: a multiple of 8
+        that a Poisson batch exceeds rarely (mean + 4 standard deviations), so most logical
+        batches run as one padded micro-batch."""
+        if self.speed.compile and self.speed.max_physical_batch_size is None:
+            q, n = self.sample_rate, self.num_samples
+            rare = q * n + 4 * math.sqrt(q * (1 - q) * n)
+            self.speed.max_physical_batch_size = max(8, 8 * math.ceil(rare / 8))
 
     # -- noise ---------------------------------------------------------------------------
     def noise_generator(self, rank: int, device: torch.device) -> torch.Generator:
