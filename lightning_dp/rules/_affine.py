@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_dp.rules.base import GradUse, scale_rows, trainable
+from lightning_dp.rules.base import GradUse, trainable, weighted_sum
 
 
 class AffineUse(GradUse):
@@ -32,7 +32,7 @@ class AffineUse(GradUse):
         return self._reduce(self.g * self.xhat)
 
     def clipped_grad(self, name: str, scale: Tensor) -> Tensor:
-        return scale_rows(scale, self.per_example(name)).sum(0)
+        return weighted_sum(scale, self.per_example(name))
 
 
 def _broadcast(param: Tensor, like: Tensor, channel_dim: int | None) -> Tensor:

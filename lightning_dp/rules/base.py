@@ -75,8 +75,16 @@ def trainable(tensor: Tensor | None) -> bool:
     return tensor is not None and tensor.requires_grad
 
 
+def _every_row_kept(ok: Tensor) -> bool:
+    """True when no row needs zeroing and knowing it is free: on the host, outside compiled
+    graphs. On accelerators the select is cheaper than a device synchronisation."""
+    return ok.device.type == "cpu" and not torch.compiler.is_compiling() and bool(ok.all())
+
+
 def rows_where(ok: Tensor, tensor: Tensor) -> Tensor:
     """Zero the rows (dim 0) of ``tensor`` where ``ok`` is False, NaN and inf included."""
+    if _every_row_kept(ok):
+        return tensor
     shape = (-1,) + (1,) * (tensor.dim() - 1)
     return torch.where(ok.view(shape), tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
 
@@ -86,3 +94,10 @@ def scale_rows(scale: Tensor, tensor: Tensor) -> Tensor:
     shape = (-1,) + (1,) * (tensor.dim() - 1)
     scaled = tensor * scale.to(tensor.dtype).view(shape)
     return rows_where(scale != 0, scaled)
+
+
+def weighted_sum(scale: Tensor, tensor: Tensor) -> Tensor:
+    """``sum_i scale[i] * tensor[i]`` as one matrix-vector product (no scaled copy of
+    ``tensor``); rows of scale 0 add exactly zero even if they hold NaN/inf."""
+    kept = rows_where(scale != 0, tensor)
+    return (scale.to(tensor.dtype) @ kept.flatten(1)).view(tensor.shape[1:])

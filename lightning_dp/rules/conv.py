@@ -15,7 +15,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_dp.rules._autocast import cast_for_autocast, no_autocast
-from lightning_dp.rules.base import GradUse, Rule, upcast, rows_where, scale_rows, trainable
+from lightning_dp.rules.base import (
+    GradUse,
+    Rule,
+    rows_where,
+    scale_rows,
+    trainable,
+    upcast,
+    weighted_sum,
+)
 from lightning_dp.rules.linear import choose_norm_method
 from lightning_dp.rules.registry import rules
 
@@ -86,9 +94,9 @@ class ConvUse(GradUse):
 
     def clipped_grad(self, name: str, scale: Tensor) -> Tensor:
         if name == "bias":
-            return scale_rows(scale, self.g.flatten(2).sum(2)).sum(0)
+            return weighted_sum(scale, self.g.flatten(2).sum(2))
         if self._instantiated is not None:
-            return scale_rows(scale, self._instantiated).sum(0)
+            return weighted_sum(scale, self._instantiated)
         spec = self.spec
         _, grad_weight, _ = torch.ops.aten.convolution_backward(
             scale_rows(scale, self.g), rows_where(scale != 0, self.x), self._weight,

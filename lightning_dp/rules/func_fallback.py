@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lightning_dp.rules.base import GradUse, Rule, scale_rows
+from lightning_dp.rules.base import GradUse, Rule, weighted_sum
 
 
 class FallbackUse(GradUse):
@@ -33,7 +33,7 @@ class FallbackUse(GradUse):
         return self.grads[name]
 
     def clipped_grad(self, name: str, scale: Tensor) -> Tensor:
-        return scale_rows(scale, self.grads[name]).sum(0)
+        return weighted_sum(scale, self.grads[name])
 
 
 class _Call:

@@ -16,7 +16,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_dp.rules._autocast import cast_for_autocast, no_autocast
-from lightning_dp.rules.base import GradUse, Rule, as_tokens, upcast, rows_where, scale_rows, trainable
+from lightning_dp.rules.base import (
+    GradUse,
+    Rule,
+    as_tokens,
+    rows_where,
+    scale_rows,
+    trainable,
+    upcast,
+    weighted_sum,
+)
 from lightning_dp.rules.registry import rules
 
 NormMethod = Literal["auto", "ghost", "instantiate"]
@@ -57,6 +66,12 @@ class LinearUse(GradUse):
         d = self.x.shape[2] if self.x is not None else 0
         self.method = choose_norm_method(batch, tokens, p, d, norm_method)
         self._instantiated: Tensor | None = None
+        self._bias_rows: Tensor | None = None
+
+    def _bias_per_example(self) -> Tensor:
+        if self._bias_rows is None:
+            self._bias_rows = self.g.sum(1)  # [B, p], used by both the norm and the clipped sum
+        return self._bias_rows
 
     def _weight_per_example(self) -> Tensor:
         if self._instantiated is None:
@@ -65,7 +80,7 @@ class LinearUse(GradUse):
 
     def norm_sq(self, name: str) -> Tensor:
         if name == "bias":
-            return upcast(self.g).sum(1).pow(2).sum(1)
+            return upcast(self._bias_per_example()).pow(2).sum(1)
         if self.method == "instantiate":
             return upcast(self._weight_per_example()).pow(2).sum((1, 2))
         g, x = upcast(self.g), upcast(self.x)
@@ -75,15 +90,15 @@ class LinearUse(GradUse):
 
     def per_example(self, name: str) -> Tensor:
         if name == "bias":
-            return self.g.sum(1)
+            return self._bias_per_example()
         grads = self._weight_per_example()
         return grads.transpose(1, 2) if self.transposed else grads
 
     def clipped_grad(self, name: str, scale: Tensor) -> Tensor:
         if name == "bias":
-            return scale_rows(scale, self.g.sum(1)).sum(0)
+            return weighted_sum(scale, self._bias_per_example())
         if self._instantiated is not None:
-            grad = scale_rows(scale, self._instantiated).sum(0)
+            grad = weighted_sum(scale, self._instantiated)
         else:
             g = scale_rows(scale, self.g).flatten(0, 1)
             x = rows_where(scale != 0, self.x).flatten(0, 1)
