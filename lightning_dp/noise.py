@@ -46,9 +46,12 @@ def make_noise_generator(
     the base seed is drawn from torch's global RNG (reproducible under ``seed_everything``).
 
     Secure mode seeds from 63 bits of OS entropy (``secrets``) and refuses a seed, so the
-    noise cannot be regenerated from a known or guessed seed. It does not make torch's PRNG a
-    CSPRNG, and it does not defend against floating-point attacks on Gaussian sampling
-    (Mironov 2012; Jin et al. 2022), which exploit the gaps of floating-point samples.
+    noise cannot be regenerated from a known or guessed seed. ``add_noise_and_normalize``
+    with ``secure_mode=True`` then also hardens each draw against floating-point attacks (see
+    there). Threat model: an adversary who sees the released model (or every update) but not
+    the process memory. Not protected: torch's generators are not CSPRNGs (their state could
+    in principle be inferred from enough raw outputs, which are never released directly here),
+    and timing side channels.
     """
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0:
         _fail("rank", rank, "it must be an int >= 0", "Pass this process's global rank.")
@@ -109,6 +112,7 @@ def add_noise_and_normalize(
     sensitivity: float,
     expected_batch_size: float,
     generator: torch.Generator | None = None,
+    secure_mode: bool = False,
 ) -> None:
     """Add N(0, (noise_multiplier * sensitivity)^2) to each grad, then divide by q N in place.
 
@@ -125,6 +129,11 @@ def add_noise_and_normalize(
         expected_batch_size: q * N over all ranks, never the realised batch size.
         generator: This rank's noise stream (see ``make_noise_generator``); None uses torch's
             default generator of the grad's device (single process only).
+        secure_mode: draw each coordinate as ``(z1 + z2) / sqrt(2)`` of two float64 normals,
+            then round once. Floating-point attacks (Mironov 2012; Jin et al. 2022) read the
+            gaps and irregular spacing of single floating-point Gaussian samples to tell
+            neighbouring outputs apart; a sum of independent samples in higher precision fills
+            those gaps (Holohan and Braghin 2021). Twice the random draws.
     """
     std = (_check_number("noise_multiplier", noise_multiplier, allow_zero=True)
            * _check_number("sensitivity", sensitivity, allow_zero=False))
@@ -144,9 +153,15 @@ def add_noise_and_normalize(
         work_dtype = torch.float32 if local.dtype in _LOW_PRECISION else local.dtype
         work = local if work_dtype == local.dtype else local.to(work_dtype)
         if std > 0:
-            noise = torch.randn(local.shape, generator=generator, device=local.device,
-                                dtype=work_dtype)
-            work.add_(noise, alpha=std)
+            work.add_(_gaussian(local, work_dtype, generator, secure_mode), alpha=std)
         work.div_(divisor)
         if work is not local:
             local.copy_(work)
+
+
+def _gaussian(like: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None, secure: bool) -> torch.Tensor:
+    """Standard normal noise shaped like ``like``; hardened as two float64 draws in secure mode."""
+    if not secure:
+        return torch.randn(like.shape, generator=generator, device=like.device, dtype=dtype)
+    draws = torch.randn((2, *like.shape), generator=generator, device=like.device, dtype=torch.float64)
+    return (draws.sum(0) / math.sqrt(2)).to(dtype)

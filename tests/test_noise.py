@@ -15,11 +15,12 @@ SIGMA, SENSITIVITY = 1.3, 2.0
 STD = SIGMA * SENSITIVITY
 
 
-def _noise(generator, *, numel=20_000, dtype=torch.float32, expected_batch_size=1.0):
+def _noise(generator, *, numel=20_000, dtype=torch.float32, expected_batch_size=1.0, secure_mode=False):
     p = torch.nn.Parameter(torch.zeros(numel, dtype=dtype))
     p.grad = torch.zeros_like(p)
     add_noise_and_normalize([p], noise_multiplier=SIGMA, sensitivity=SENSITIVITY,
-                            expected_batch_size=expected_batch_size, generator=generator)
+                            expected_batch_size=expected_batch_size, generator=generator,
+                            secure_mode=secure_mode)
     return p.grad
 
 
@@ -92,12 +93,25 @@ def test_low_precision_grads_draw_in_float32():
 def test_secure_mode():
     with pytest.raises(ValueError, match="`seed`=5.*secure mode"):
         make_noise_generator(5, secure_mode=True)
-    a = _noise(make_noise_generator(secure_mode=True))
-    b = _noise(make_noise_generator(secure_mode=True))
+    a = _noise(make_noise_generator(secure_mode=True), secure_mode=True)
+    b = _noise(make_noise_generator(secure_mode=True), secure_mode=True)
     assert not torch.equal(a, b)
     # Unseeded: thresholds chosen so a false alarm has probability ~1e-6.
     assert _ks_pvalue(a, STD) > 1e-6
     assert _ks_pvalue(a, STD * 1.5) < 1e-6
+    assert _ks_pvalue(a, STD * 2 / 3) < 1e-6
+
+
+def test_secure_draws_are_the_hardened_sum_of_two_float64_normals():
+    generator = make_noise_generator(4)
+    state = generator.get_state()
+    hardened = _noise(generator, numel=1000, secure_mode=True)
+    generator.set_state(state)
+    draws = torch.randn((2, 1000), generator=generator, dtype=torch.float64)
+    expected = ((draws.sum(0) / 2**0.5).float() * STD)
+    torch.testing.assert_close(hardened, expected)
+    generator.set_state(state)
+    assert not torch.equal(_noise(generator, numel=1000), hardened)  # not the plain draw
 
 
 def test_default_seed_follows_torch_global_seed():

@@ -39,7 +39,8 @@ class DPStrategy(PrivateStepMixin, SingleDeviceStrategy):
             ``PrivacyAccountant(target_epsilon=...)``.
         poisson: Poisson-sample logical batches (what the accountant assumes). False keeps the
             user's batches and accounts every step without amplification (q = 1).
-        secure_mode: sampling and noise from OS entropy; refuses a seed.
+        secure_mode: sampling and noise seeded from OS entropy (refuses a seed), noise drawn as
+            sums of float64 normals against floating-point attacks (see README).
         seed: seed of the sampling and noise streams; None draws it from torch's global RNG
             (reproducible under ``seed_everything``).
         max_physical_batch_size: split each logical batch into micro-batches of at most this

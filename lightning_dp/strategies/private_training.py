@@ -177,6 +177,7 @@ class PrivateTraining:
             sensitivity=sensitivity(module),
             expected_batch_size=self.expected_batch_size,
             generator=self.noise_generator(rank, device),
+            secure_mode=self.privacy.secure_mode,
         )
         self.ledger.step(noise_multiplier=sigma, sample_rate=self.accounted_sample_rate)
 
