@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from fsdp_models import Block, TinyTransformer, per_example_loss
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 import lightning_dp as ldp
 from lightning_dp.noise import add_noise_and_normalize, make_noise_generator
@@ -17,18 +18,23 @@ def batch() -> torch.Tensor:
     return torch.randint(0, 17, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
 
 
-def sharded_private_model(world_size: int, clipping, max_grad_norm: float = 0.5):
+def sharded_private_model(world_size: int, clipping, max_grad_norm: float = 0.5, mp_policy=None):
     torch.manual_seed(0)
     model = TinyTransformer()
-    shard_for_dp(model, init_device_mesh("cpu", (world_size,)), [Block])
+    shard_for_dp(model, init_device_mesh("cpu", (world_size,)), [Block], mp_policy)
     sum_gradients_across_ranks(model)
     return ldp.make_private(model, clipping=clipping, max_grad_norm=max_grad_norm)
 
 
 def clipped_sum_on_my_half(rank: int, world_size: int, clippings, out: str) -> None:
-    """Each rank takes its contiguous share of the batch; save full grads and group norms."""
+    """Each rank takes its contiguous share of the batch; save full grads and group norms.
+
+    ``"unit-bf16"`` runs per-unit clipping under FSDP2 mixed precision (bf16 compute, fp32
+    reduction)."""
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for clipping in clippings:
-        model = sharded_private_model(world_size, clipping)
+        mixed = clipping.endswith("-bf16")
+        model = sharded_private_model(world_size, clipping.removesuffix("-bf16"), mp_policy=bf16 if mixed else None)
         share = BATCH // world_size
         per_example_loss(model, batch()[rank * share : (rank + 1) * share]).sum().backward()
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
@@ -77,6 +83,6 @@ def count_collectives(rank: int, world_size: int, out: str) -> None:
 
 def all_engine_checks(rank: int, world_size: int, out: str, sigma: float, expected: float, steps: int) -> None:
     """One spawn for every engine-level FSDP check (process start-up dominates their cost)."""
-    clipped_sum_on_my_half(rank, world_size, ["unit", "layer"], out)
+    clipped_sum_on_my_half(rank, world_size, ["unit", "layer", "unit-bf16"], out)
     count_collectives(rank, world_size, out)
     noise_on_zero_gradients(rank, world_size, sigma, expected, steps, out)

@@ -1,6 +1,6 @@
 """Trainer(strategy="dp_fsdp", devices=2) on CPU/gloo; Lightning re-runs this script per rank.
 
-    python fsdp_trainer_run.py OUT_DIR MAX_STEPS [CKPT_PATH]
+    python fsdp_trainer_run.py OUT_DIR MAX_STEPS sharded|full [CKPT_PATH]
 """
 
 from __future__ import annotations
@@ -33,13 +33,16 @@ class LanguageModel(L.LightningModule):
 
 
 def main() -> None:
-    out, max_steps = sys.argv[1], int(sys.argv[2])
-    ckpt = sys.argv[3] if len(sys.argv) > 3 else None
+    out, max_steps, layout = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    ckpt = sys.argv[4] if len(sys.argv) > 4 else None
     L.seed_everything(0)
     data = TensorDataset(torch.randint(0, 17, (64, 8), generator=torch.Generator().manual_seed(0)))
     accountant = lightning_dp.PrivacyAccountant(target_epsilon=4.0, accountant="rdp", log_every_n_steps=1)
     trainer = L.Trainer(
-        strategy=lightning_dp.DPFSDPStrategy(max_grad_norm=1.0, seed=3, max_physical_batch_size=4),
+        strategy=lightning_dp.DPFSDPStrategy(
+            max_grad_norm=1.0, seed=3, max_physical_batch_size=4,
+            save_distributed_checkpoint=layout == "sharded",
+        ),
         accelerator="cpu", devices=2, max_steps=max_steps, logger=False, enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[accountant, ModelCheckpoint(dirpath=f"{out}/ckpt", every_n_train_steps=3, save_top_k=-1)],

@@ -15,17 +15,18 @@ from lightning_dp.accounting import epsilon
 SCRIPT = Path(__file__).with_name("fsdp_trainer_run.py")
 
 
-def _run(out: Path, max_steps: int, ckpt: Path | None = None) -> dict:
-    args = [sys.executable, str(SCRIPT), str(out), str(max_steps)] + ([str(ckpt)] if ckpt else [])
+def _run(out: Path, max_steps: int, layout: str, ckpt: Path | None = None) -> dict:
+    args = [sys.executable, str(SCRIPT), str(out), str(max_steps), layout] + ([str(ckpt)] if ckpt else [])
     done = subprocess.run(args, capture_output=True, text=True, timeout=400, cwd=out)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return json.loads((out / "result.json").read_text())
 
 
-def test_dp_fsdp_trains_logs_the_accountants_epsilon_and_resumes(tmp_path):
+@pytest.mark.parametrize("layout", ["sharded", "full"])
+def test_dp_fsdp_trains_logs_the_accountants_epsilon_and_resumes(tmp_path, layout):
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
     full_dir.mkdir(), resumed_dir.mkdir()
-    full = _run(full_dir, 6)
+    full = _run(full_dir, 6, layout)
     assert full["global_step"] == full["ledger_steps"] == 6
     assert full["groups"] == ["model", "model.blocks.0", "model.blocks.1"]  # one group per unit
     want = epsilon(noise_multiplier=full["sigma"], sample_rate=full["q"], steps=6, delta=full["delta"], accountant="rdp")
@@ -33,7 +34,8 @@ def test_dp_fsdp_trains_logs_the_accountants_epsilon_and_resumes(tmp_path):
     assert full["logged"] == pytest.approx(want, rel=1e-6)
 
     checkpoint = next((full_dir / "ckpt").glob("*step=3*"))
-    resumed = _run(resumed_dir, 6, checkpoint)
+    assert checkpoint.is_dir() == (layout == "sharded")  # a sharded directory or one full file
+    resumed = _run(resumed_dir, 6, layout, checkpoint)
     assert resumed["global_step"] == resumed["ledger_steps"] == 6
     assert resumed["epsilon"] == full["epsilon"] and resumed["sigma"] == full["sigma"]
     a = torch.load(full_dir / "params.pt", weights_only=True)

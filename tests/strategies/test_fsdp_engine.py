@@ -50,6 +50,21 @@ def _check_equal_to_single_process(tmp_path, clipping):
         assert got.shape == (BATCH,)
 
 
+def test_mixed_precision_policy_clips_with_float32_norms(results):
+    """FSDP2 bf16 compute, fp32 reduction: norms accumulate in fp32 and match fp32 training."""
+    ranks = [torch.load(results / f"unit-bf16-rank{r}.pt", weights_only=True) for r in range(2)]
+    want_grads, want_norms = _single_process(UNITS)
+    for group, want in want_norms.items():
+        got = torch.cat([rank["norms"][group] for rank in ranks])
+        assert got.dtype == torch.float32
+        assert (want > 0.5).any()  # clipping is exercised
+        torch.testing.assert_close(got, want, rtol=3e-2, atol=1e-3, msg=group)
+    for name, want in want_grads.items():
+        got = ranks[0]["grads"][name]
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=5e-2, atol=2e-2, msg=name)
+
+
 def test_noise_variance_is_sigma_s_over_qn_on_each_coordinate_once(results):
     """Noise added on every rank (or scaled by 1/W, 1/sqrt(W)) changes the variance: rejected."""
     sigma, expected, steps = SIGMA, EXPECTED, STEPS
