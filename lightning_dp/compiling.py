@@ -8,6 +8,7 @@ pass instead of Python book-keeping), then compile with inductor and the pass in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -20,11 +21,16 @@ from lightning_dp.rules import FuncFallbackRule
 PASS_OPTION = "post_grad_custom_pre_pass"
 
 
-def prepare_for_compile(model: nn.Module) -> dict[str, Any]:
-    """Switch a private model to compiled mode; return the DP settings that shape its graph."""
+def prepare_for_compile(model: nn.Module, within: Sequence[nn.Module] | None = None) -> dict[str, Any]:
+    """Switch a private model's sites (those inside ``within``; default all) to compiled mode.
+
+    Returns the DP settings that shape the compiled graph (for the pass's ``uuid``).
+    """
     state = _state(model)
     clipper = state.clipper
-    refused = [f"`{site.path or '(root)'}`" for site in state.sites if isinstance(site.rule, FuncFallbackRule)]
+    inside = _modules_inside(within) if within is not None else None
+    sites = [site for site in state.sites if inside is None or id(site.module) in inside]
+    refused = [f"`{site.path or '(root)'}`" for site in sites if isinstance(site.rule, FuncFallbackRule)]
     if refused:
         raise ValueError(
             f"lightning_dp.compile: modules {refused} use the torch.func fallback, which records "
@@ -38,20 +44,34 @@ def prepare_for_compile(model: nn.Module) -> dict[str, Any]:
             "their per-example gradient is the sum over the uses, which only the eager engine "
             "instantiates. Untie them or train this model without compile."
         )
-    if not clipper.functional:
-        clipper.functional = True
+    compiled_groups = {group for site in sites for group in site.groups}
+    split = sorted({g for site in state.sites if site not in sites for g in site.groups} & compiled_groups)
+    if split:
+        raise ValueError(
+            f"lightning_dp.compile: clipping groups {split} have members inside and outside the "
+            "compiled modules; a group must be clipped wholly in one graph. Compile the whole "
+            "model, or use groups that stay inside the compiled modules (e.g. clipping='unit')."
+        )
+    if clipper.id is None:
         clipper.id = deferred_ops.register_clipper(clipper)
-        # Compiled primitives return clipped gradients through autograd, which the eager leak
-        # guard would reject: it is replaced by the refusal of shared parameters above.
-        for hook in state.hooks:
+    compiled_params = {key for site in sites for key in site.param_keys.values()}
+    for site in sites:
+        site.compiled = True
+    # Compiled primitives return clipped gradients through autograd, which the eager leak guard
+    # would reject; the refusal of shared parameters above stands in for it.
+    for name, hook in zip(list(state.params), list(state.hooks)):
+        if name in compiled_params:
             hook.remove()
-        state.hooks = []
     return {
         "clip_fn": clipper.clip_fn_name,
         "gamma": clipper.gamma,
-        "groups": {name: group.params for name, group in clipper.groups.items()},
+        "groups": {name: clipper.groups[name].params for name in sorted(compiled_groups)},
         "norm_method": clipper.options.norm_method,
     }
+
+
+def _modules_inside(roots: Sequence[nn.Module]) -> set[int]:
+    return {id(m) for root in roots for m in root.modules()}
 
 
 def _with_dp_pass(model: nn.Module, compile_kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -63,6 +63,9 @@ class Site:
     param_keys: dict[str, str]
     #: position among the model's sites (names the call in compiled graphs)
     index: int = 0
+    #: Set by ``lightning_dp.compile``: this site's primitive returns clipped gradients to
+    #: autograd and its groups are joined by the graph pass instead of the book-keeping below.
+    compiled: bool = False
     original_forward: object = None
     shadowed_forward: bool = False
     groups: list[str] = field(default_factory=list)
@@ -75,13 +78,13 @@ class Site:
         return torch.is_grad_enabled() and self.clipper.enabled
 
     def begin(self) -> None:
-        if not self.clipper.functional:
+        if not self.compiled:
             self.clipper.on_forward(self)
 
     def record(self, use: GradUse) -> dict[str, Tensor] | None:
         """Hand over one call's gradient factors. Eager: the clipper writes ``.grad`` later and
         this returns None. Compiled: returns the clipped parameter gradients for autograd."""
-        if self.clipper.functional:
+        if self.compiled:
             return self.clipper.deferred_grads(self, use)
         self.clipper.on_backward(self, use)
         return None
@@ -100,9 +103,7 @@ class Clipper:
         self.clip_fn_name = clip_fn
         self.gamma = gamma
         self.enabled = True
-        #: Set by ``lightning_dp.compile``: primitives return clipped gradients to autograd and
-        #: groups are joined by the graph pass instead of by the book-keeping below.
-        self.functional = False
+        #: How compiled code finds this clipper at run time (set by ``lightning_dp.compile``).
         self.id: int | None = None
         #: Fixed-shape micro-batches: only the first ``real_rows`` examples are real, the rest is
         #: padding whose contribution must be exactly zero. None: every row is real.
