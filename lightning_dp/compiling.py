@@ -74,7 +74,9 @@ def _modules_inside(roots: Sequence[nn.Module]) -> set[int]:
     return {id(m) for root in roots for m in root.modules()}
 
 
-def _with_dp_pass(model: nn.Module, compile_kwargs: dict[str, Any]) -> dict[str, Any]:
+def _with_dp_pass(
+    model: nn.Module, compile_kwargs: dict[str, Any], within: Sequence[nn.Module] | None = None
+) -> dict[str, Any]:
     """``torch.compile`` keyword arguments with the DP graph pass installed in ``options``."""
     compile_kwargs = dict(compile_kwargs)
     backend = compile_kwargs.get("backend", "inductor")
@@ -91,7 +93,7 @@ def _with_dp_pass(model: nn.Module, compile_kwargs: dict[str, Any]) -> dict[str,
             f"lightning_dp.compile: options[{PASS_OPTION!r}] is already set; lightning-dp needs "
             "that hook for its graph pass. Run your pass through post_grad_custom_post_pass."
         )
-    options[PASS_OPTION] = DPGraphPass(prepare_for_compile(model))
+    options[PASS_OPTION] = DPGraphPass(prepare_for_compile(model, within))
     return {**compile_kwargs, "options": options}
 
 
@@ -111,6 +113,18 @@ def compile_in_place(module: nn.Module, **compile_kwargs: Any) -> None:
     LightningModule keeps its identity and ``self(x)`` in ``training_step`` runs compiled."""
     module.compile(**_with_dp_pass(module, compile_kwargs))
 
+
+
+def compile_submodules(model: nn.Module, modules: Sequence[nn.Module], **compile_kwargs: Any) -> None:
+    """Compile the forwards of ``modules`` (e.g. FSDP blocks) in place.
+
+    Only each module's ``forward`` is compiled, so its module hooks (FSDP2's all-gather before
+    and reduce-scatter after) stay outside the graph, as per-block compilation under FSDP
+    expects. Every clipping group must lie inside one compiled module.
+    """
+    kwargs = _with_dp_pass(model, compile_kwargs, within=modules)
+    for module in modules:
+        module.forward = torch.compile(module.forward, **kwargs)
 
 def _shared_parameters(state: Any) -> list[str]:
     """Canonical names of parameters reached through more than one private module."""

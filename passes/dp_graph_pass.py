@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lightning_dp.passes.join_group_scales import join_group_scales
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from lightning_dp.engine import deferred_ops
-from lightning_dp.passes.join_group_scales import join_group_scales
 
 #: The code whose behaviour the compiled graph depends on: this package and the ops it rewrites.
 _SOURCE_FILES = sorted(Path(__file__).parent.glob("*.py")) + [Path(deferred_ops.__file__)]

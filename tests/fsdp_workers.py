@@ -86,3 +86,19 @@ def all_engine_checks(rank: int, world_size: int, out: str, sigma: float, expect
     clipped_sum_on_my_half(rank, world_size, ["unit", "layer", "unit-bf16"], out)
     count_collectives(rank, world_size, out)
     noise_on_zero_gradients(rank, world_size, sigma, expected, steps, out)
+
+
+def compiled_blocks_on_my_half(rank: int, world_size: int, out: str) -> None:
+    """Per-unit clipping with each FSDP block's forward compiled (the DP pass inside)."""
+    from lightning_dp.compiling import compile_submodules
+    from lightning_dp.strategies.fsdp_sharding import nested_units
+
+    model = sharded_private_model(world_size, "unit")
+    compile_submodules(model, nested_units(model), dynamic=False)
+    share = BATCH // world_size
+    for _ in range(2):  # the second step reuses the compiled blocks
+        for p in model.parameters():
+            p.grad = None
+        per_example_loss(model, batch()[rank * share : (rank + 1) * share]).sum().backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    torch.save({"grads": grads, "norms": ldp.group_norms(model)}, f"{out}/compiled-rank{rank}.pt")

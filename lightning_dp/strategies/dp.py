@@ -14,6 +14,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from typing_extensions import override
 
+from lightning_dp.compiling import compile_in_place
 from lightning_dp.engine.clip_fns import ClipFn
 from lightning_dp.rules.linear import NormMethod
 from lightning_dp.strategies.loss import LossReduction
@@ -106,6 +107,8 @@ class DPStrategy(PrivateStepMixin, SingleDeviceStrategy):
     def setup(self, trainer: Any) -> None:
         check_trainer_supports_dp(trainer, self)
         self.private.make_private(self.lightning_module)
+        if self.private.speed.compile:
+            compile_in_place(self.lightning_module, dynamic=False)
         super().setup(trainer)
 
 

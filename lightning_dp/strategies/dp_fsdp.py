@@ -25,11 +25,17 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.utils._pytree import tree_map
 from typing_extensions import override
 
+from lightning_dp.compiling import compile_submodules
 from lightning_dp.engine import clipper_of
 from lightning_dp.engine.clip_fns import ClipFn
 from lightning_dp.rules.linear import NormMethod
 from lightning_dp.strategies.dp import check_trainer_supports_dp
-from lightning_dp.strategies.fsdp_sharding import is_sharded, shard_for_dp, sum_gradients_across_ranks
+from lightning_dp.strategies.fsdp_sharding import (
+    is_sharded,
+    nested_units,
+    shard_for_dp,
+    sum_gradients_across_ranks,
+)
 from lightning_dp.strategies.loss import LossReduction
 from lightning_dp.strategies.private_step import PrivateStepMixin
 from lightning_dp.strategies.private_training import (
@@ -57,6 +63,9 @@ class DPFSDPStrategy(PrivateStepMixin, ModelParallelStrategy):
             shard itself in ``configure_model``; default: repeated blocks detected by name.
         mp_policy: FSDP2 mixed precision for the units this strategy shards (norms are still
             accumulated in fp32).
+        compile: ``torch.compile`` each nested FSDP unit's forward (the blocks) with the DP
+            graph pass, FSDP's hooks left outside the graphs; root units run eagerly. Clipping
+            groups must stay inside one unit (true of ``"unit"`` and ``"layer"``).
         save_distributed_checkpoint: sharded (True) or full (False) checkpoints.
     """
 
@@ -77,6 +86,7 @@ class DPFSDPStrategy(PrivateStepMixin, ModelParallelStrategy):
         loss_reduction: LossReduction = "auto",
         norm_method: NormMethod = "auto",
         fallback: bool = False,
+        compile: bool = False,
         block_types: list[type[nn.Module]] | None = None,
         mp_policy: MixedPrecisionPolicy | None = None,
         save_distributed_checkpoint: bool = True,
@@ -97,7 +107,7 @@ class DPFSDPStrategy(PrivateStepMixin, ModelParallelStrategy):
         )
         self.private = PrivateTraining(
             PrivacySettings(clipping, clip_fn, max_grad_norm, gamma, noise_multiplier, poisson, secure_mode),
-            SpeedSettings(max_physical_batch_size, norm_method, fallback),
+            SpeedSettings(max_physical_batch_size, norm_method, fallback, compile),
             seed,
             loss_reduction,
         )
@@ -124,6 +134,8 @@ class DPFSDPStrategy(PrivateStepMixin, ModelParallelStrategy):
         check_groups_inside_units(module)
         sum_gradients_across_ranks(module)
         clipper_of(module).require_prompt_finish = True
+        if self.private.speed.compile:
+            compile_submodules(module, nested_units(module), dynamic=False)
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)

@@ -34,6 +34,21 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
+def nested_units(model: nn.Module) -> list[nn.Module]:
+    """FSDP units inside another unit (the blocks), outermost first; roots excluded."""
+    units: list[nn.Module] = []
+
+    def visit(module: nn.Module, inside_unit: bool) -> None:
+        is_unit = isinstance(module, FSDPModule)
+        if is_unit and inside_unit:
+            units.append(module)
+        for child in module.children():
+            visit(child, inside_unit or is_unit)
+
+    visit(model, False)
+    return units
+
+
 def shard_for_dp(
     model: nn.Module,
     mesh: object,

@@ -47,7 +47,7 @@ class PrivateStepMixin:
             return dataloader
         rank, world_size = self.data_parallel_rank_and_size()
         sampler = self.private.make_sampler(num_samples, sample_rate, rank, world_size)
-        self.private.fix_physical_batch_size()
+        self.private.fix_physical_batch_size(world_size)
         return poisson_dataloader(dataloader, sampler)
 
     def data_parallel_rank_and_size(self) -> tuple[int, int]:

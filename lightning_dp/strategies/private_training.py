@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_dp.accounting import PrivacyLedger
-from lightning_dp.compiling import compile_in_place
 from lightning_dp.data import PoissonBatchSampler
 from lightning_dp.engine import is_private, make_private, sensitivity
 from lightning_dp.engine.clip_fns import ClipFn
@@ -114,8 +113,6 @@ class PrivateTraining:
             module, clipping=p.clipping, clip_fn=p.clip_fn, max_grad_norm=p.max_grad_norm,
             gamma=p.gamma, norm_method=self.speed.norm_method, fallback=self.speed.fallback,
         )
-        if self.speed.compile:
-            compile_in_place(module, dynamic=False)
 
     # -- data ----------------------------------------------------------------------------
     def make_sampler(self, num_samples: int, sample_rate: float, rank: int, world_size: int) -> PoissonBatchSampler:
@@ -135,12 +132,12 @@ class PrivateTraining:
     def expected_batch_size(self) -> float:
         return self.sample_rate * self.num_samples
 
-    def fix_physical_batch_size(self) -> None:
+    def fix_physical_batch_size(self, world_size: int = 1) -> None:
         """Under compile, pick one micro-batch shape if the user gave none: a multiple of 8
-        that a Poisson batch exceeds rarely (mean + 4 standard deviations), so most logical
-        batches run as one padded micro-batch."""
+        that this rank's Poisson batch exceeds rarely (mean + 4 standard deviations), so most
+        logical batches run as one padded micro-batch."""
         if self.speed.compile and self.speed.max_physical_batch_size is None:
-            q, n = self.sample_rate, self.num_samples
+            q, n = self.sample_rate, self.num_samples / world_size
             rare = q * n + 4 * math.sqrt(q * (1 - q) * n)
             self.speed.max_physical_batch_size = max(8, 8 * math.ceil(rare / 8))
 

@@ -86,3 +86,17 @@ def test_private_fsdp_uses_exactly_the_collectives_of_plain_fsdp(results):
     counts = torch.load(results / "counts-rank0.pt", weights_only=False)
     assert sum(counts["None"].values()) > 0, counts  # the counter sees FSDP's collectives
     assert counts["unit"] == counts["None"] and counts["layer"] == counts["None"], counts
+
+
+@pytest.mark.slow
+def test_compiled_blocks_on_two_ranks_equal_one_eager_process(tmp_path):
+    from fsdp_workers import compiled_blocks_on_my_half
+
+    run_on_ranks(compiled_blocks_on_my_half, 2, tmp_path, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"compiled-rank{r}.pt", weights_only=True) for r in range(2)]
+    want_grads, want_norms = _single_process(UNITS)
+    for name, want in want_grads.items():
+        for rank in ranks:
+            torch.testing.assert_close(rank["grads"][name], want, rtol=1e-5, atol=1e-6, msg=name)
+    for group, want in want_norms.items():
+        torch.testing.assert_close(torch.cat([rank["norms"][group] for rank in ranks]), want, rtol=1e-5, atol=1e-6)
