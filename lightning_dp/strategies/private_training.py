@@ -123,15 +123,14 @@ class PrivateTraining:
 
     # -- model ---------------------------------------------------------------------------
     def make_private(self, module: nn.Module) -> None:
-        if is_private(module):
-            return
         p = self.privacy
-        initial = p.initial_threshold if p.initial_threshold is not None else p.max_grad_norm
-        make_private(
-            module, clipping=p.clipping, clip_fn=p.clip_fn, max_grad_norm=initial,
-            gamma=p.gamma, norm_method=self.speed.norm_method, fallback=self.speed.fallback,
-            thresholds=p.thresholds,
-        )
+        if not is_private(module):
+            initial = p.initial_threshold if p.initial_threshold is not None else p.max_grad_norm
+            make_private(
+                module, clipping=p.clipping, clip_fn=p.clip_fn, max_grad_norm=initial,
+                gamma=p.gamma, norm_method=self.speed.norm_method, fallback=self.speed.fallback,
+                thresholds=p.thresholds,
+            )
         if self.adaptive is not None:
             self.adaptive.attach(clipper_of(module))
 

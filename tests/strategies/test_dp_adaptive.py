@@ -122,8 +122,9 @@ def test_each_step_is_noised_with_the_thresholds_that_clipped_it(monkeypatch, cl
         real(params, **kwargs)
 
     monkeypatch.setattr(private_training, "add_noise_and_normalize", spy)
-    _, private, _ = _fit(steps=4, clip_fn=clip_fn)
+    _, private, _ = _fit(steps=4, clip_fn=clip_fn, initial_threshold={"net.0": 0.1, "net.2": 0.3})
     rows = list(zip(*private.adaptive.history.values()))
+    assert rows[0] == (0.1, 0.3)  # initial_threshold, not max_grad_norm
     assert seen == [math.sqrt(sum(c * c for c in row)) for row in rows[:-1]]
     assert seen != [math.sqrt(sum(c * c for c in row)) for row in rows[1:]]  # not the updated ones
 
@@ -144,7 +145,7 @@ def test_automatic_clipping_scales_each_group_by_its_current_threshold():
 
     _, private, model = _fit(steps=2, callbacks=[Capture()], noise_multiplier=0.0, clip_fn="automatic")
     x, y = captured["batch"]
-    loss = lambda m, ex: F.cross_entropy(m(ex[0]), ex[1], reduction="sum")  # noqa: E731
+    loss = lambda m, ex: F.cross_entropy(m(ex[0]), ex[1], reduction="sum")
     grads = per_example_grads(captured["net"], [(x[i : i + 1], y[i : i + 1]) for i in range(len(y))], loss)
     groups = {"net.0": ["0.weight", "0.bias"], "net.2": ["2.weight", "2.bias"]}
     at_step = {name: history[1] for name, history in private.adaptive.history.items()}
@@ -157,7 +158,7 @@ def test_automatic_clipping_scales_each_group_by_its_current_threshold():
 
 def test_resume_continues_with_the_saved_thresholds(tmp_path):
     checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
-    full, private, model = _fit(steps=6, callbacks=[checkpoints], checkpointing=True)
+    _, private, model = _fit(steps=6, callbacks=[checkpoints], checkpointing=True)
     path = next(tmp_path.glob("*step=3*"))
     # a differently initialised model: everything must come from the file
     _, resumed, resumed_model = _fit(steps=6, ckpt_path=path, init_seed=1)
