@@ -139,7 +139,8 @@ class AdaptiveThresholds:
 
     @property
     def thresholds(self) -> dict[str, float]:
-        return dict(zip(self._groups, self._history[-1]))
+        """The current thresholds; empty until attached to a clipper or restored."""
+        return dict(zip(self._groups, self._history[-1])) if self._history else {}
 
     @property
     def history(self) -> dict[str, list[float]]:

@@ -193,3 +193,10 @@ def test_bad_settings_name_the_parameter_value_and_fix(kwargs, match):
     settings = dict(target_quantile=0.5, threshold_lr=0.2, count_noise_multiplier=None) | kwargs
     with pytest.raises(ValueError, match=match):
         check_adaptive_settings(**settings)
+
+
+def test_before_attach_there_are_no_thresholds_and_nothing_to_release():
+    adaptive = AdaptiveThresholds()
+    assert adaptive.thresholds == {} and adaptive.history == {}
+    with pytest.raises(RuntimeError, match="before attach"):
+        adaptive.release(count_noise_multiplier=1.0, expected_batch_size=4.0, generator=None)
