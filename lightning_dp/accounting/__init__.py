@@ -7,6 +7,7 @@ nothing from training.
 
 from lightning_dp.accounting._validation import LargeDeltaWarning
 from lightning_dp.accounting.adaptive import (
+    count_noise_multiplier_for,
     effective_noise_multiplier,
     gradient_noise_multiplier_for,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "LargeDeltaWarning",
     "LedgerEntry",
     "PrivacyLedger",
+    "count_noise_multiplier_for",
     "effective_noise_multiplier",
     "epsilon",
     "gradient_noise_multiplier_for",

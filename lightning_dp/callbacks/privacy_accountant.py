@@ -39,6 +39,9 @@ class PrivacyAccountant(Callback):
         target_epsilon: the budget; when the strategy's ``noise_multiplier`` is None, sigma is
             calibrated at train start as the smallest one that meets it over the planned steps
             (``max_steps``, or ``max_epochs`` x steps per epoch). None only reports epsilon.
+            With ``thresholds="adaptive"`` the calibrated sigma is sigma_eff of the gradient
+            and the K threshold counts released together; the strategy raises the gradient's
+            sigma so that the joint release costs exactly sigma_eff (see DPStrategy).
         delta: the delta of (epsilon, delta)-DP; default ``1 / (10 N)``, well below 1/N.
         accountant: ``"pld"`` (tight) or ``"rdp"`` (faster, looser).
         log_every_n_steps: how often epsilon is recomputed and logged; default the Trainer's.
@@ -92,16 +95,21 @@ class PrivacyAccountant(Callback):
                     "PrivacyAccountant: calibrating sigma from target_epsilon needs a planned "
                     "number of steps; set max_epochs or max_steps on the Trainer."
                 )
-            private.privacy.noise_multiplier = noise_multiplier_for(
+            # sigma_eff of the whole per-step release; the strategy splits it between the
+            # gradient and any adaptive-threshold counts
+            private.calibrate(noise_multiplier_for(
                 target_epsilon=self.target_epsilon, delta=self.delta, sample_rate=q,
                 steps=int(planned), accountant=self.accountant,
-            )
-        sigma = private.privacy.noise_multiplier
+            ))
+        sigma = private.effective_noise_multiplier
         if self.target_epsilon is not None:
             private.max_steps = self._max_steps(sigma, q, int(min(planned, 10**9)))
         self.epsilon = private.ledger.epsilon(self.delta)
+        counts = (f" (gradient sigma={private.privacy.noise_multiplier:.4g} with {private.num_counts} "
+                  f"threshold counts at sigma_b={private.count_noise_multiplier:.4g})"
+                  if private.num_counts else "")
         rank_zero_info(
-            f"lightning-dp: sigma={sigma:.4g}, q={q:.4g} (expected batch {private.expected_batch_size:.1f} "
+            f"lightning-dp: sigma={sigma:.4g}{counts}, q={q:.4g} (expected batch {private.expected_batch_size:.1f} "
             f"of N={n}), planned steps={planned}, delta={self.delta:.3g}, accountant={self.accountant}"
             + (f", target epsilon={self.target_epsilon}" if self.target_epsilon else "")
             + (f", resuming at step {private.ledger.steps} (epsilon {self.epsilon:.4g})" if private.ledger.steps else "")
@@ -146,6 +154,11 @@ class PrivacyAccountant(Callback):
             self.epsilon = private.ledger.epsilon(self.delta)
         pl_module.log("epsilon", self.epsilon, prog_bar=True, on_step=True, on_epoch=False)
         pl_module.log("dp/sigma", float(private.privacy.noise_multiplier), on_step=True, on_epoch=False)
+        if private.adaptive is not None:
+            pl_module.log("dp/sigma_eff", float(private.effective_noise_multiplier), on_step=True, on_epoch=False)
+            for name, fraction in private.adaptive.last_fractions.items():
+                # the released (noisy) estimate: safe to log, unlike a raw count
+                pl_module.log(f"dp/within_fraction/{name}", fraction, on_step=True, on_epoch=False)
         clipper = clipper_of(pl_module)
         for name, stats in clipper.stats.items():
             batch_size = max(int(stats.norms.numel()), 1)

@@ -112,6 +112,11 @@ class Clipper:
         #: still open at the end of the backward would be released unclipped or lost, so raise.
         self.require_prompt_finish = False
         self.stats: dict[str, GroupStats] = {}
+        #: Adaptive thresholds: keep each group's centred count sum_i (1[||g_ik|| <= C_k] - 1/2)
+        #: summed over every backward until ``take_counts`` (one logical batch, any number of
+        #: micro-batches). Non-finite norms count as outside C_k.
+        self.count_within = False
+        self._counts: dict[str, Tensor] = {}
         self._pending: dict[str, int] = defaultdict(int)
         self._uses: dict[str, list[tuple[Site, GradUse]]] = defaultdict(list)
         self._callback_task: int | None = None
@@ -124,6 +129,16 @@ class Clipper:
             yield
         finally:
             self.enabled = previous
+
+    def take_counts(self, device: torch.device) -> Tensor:
+        """The centred counts of every group (in ``self.groups`` order) since the last call, then
+        reset them. A group that saw no example counts 0. Float32: half-integers stay exact."""
+        counts = torch.zeros(len(self.groups), dtype=torch.float32, device=device)
+        for index, name in enumerate(self.groups):
+            if name in self._counts:
+                counts[index] = self._counts[name].to(device)
+        self._counts.clear()
+        return counts
 
     def on_forward(self, site: Site) -> None:
         for group in site.groups:
@@ -219,6 +234,9 @@ class Clipper:
             clipped=(norms[real] > group.threshold).sum(),
             nonfinite=(~finite[real]).sum(),
         )
+        if self.count_within:  # centred bits of real rows; a non-finite norm counts as outside
+            within = (norms[real] <= group.threshold).sum(dtype=torch.float32) - 0.5 * norms[real].numel()
+            self._counts[group_name] = self._counts.get(group_name, 0.0) + within.detach()
         return scale
 
     def deferred_grads(self, site: Site, use: GradUse) -> dict[str, Tensor]:

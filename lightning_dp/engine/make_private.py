@@ -30,6 +30,7 @@ from lightning_dp.rules import FuncFallbackRule, rules
 from lightning_dp.rules.linear import NormMethod
 
 ClippingStyle = Literal["flat", "layer", "unit"]
+ThresholdMode = Literal["fixed", "adaptive"]
 GroupSpec = Sequence[Sequence[str]] | Mapping[str, Sequence[str]]
 
 _STATE = "_lightning_dp_state"
@@ -72,6 +73,7 @@ def make_private(
     gamma: float = 0.01,
     norm_method: NormMethod = "auto",
     fallback: bool = False,
+    thresholds: ThresholdMode = "fixed",
 ) -> nn.Module:
     """Rewrite ``model`` in place so that backward of a summed loss leaves ``sum_i clip(g_i)``.
 
@@ -93,6 +95,10 @@ def make_private(
         norm_method: ``"auto"`` picks ghost norm or instantiation per layer by shape; speed only.
         fallback: handle modules with no registered rule (and bare ``nn.Parameter``s used in a
             module's own forward) with the ``torch.func`` fallback instead of refusing them.
+        thresholds: ``"fixed"``, or ``"adaptive"``: the clipper also keeps each group's centred
+            count of examples within its threshold, summed over backwards until
+            ``clipper_of(model).take_counts(...)``; ``lightning_dp.thresholds`` releases them
+            with noise and moves the thresholds (``max_grad_norm`` is then the initial one).
 
     Returns:
         The same model, rewritten.
@@ -104,6 +110,7 @@ def make_private(
         )
     _check_choice("clip_fn", clip_fn, ClipFn)
     _check_choice("norm_method", norm_method, NormMethod)
+    _check_choice("thresholds", thresholds, ThresholdMode)
     if isinstance(clipping, str):
         _check_choice("clipping", clipping, ClippingStyle)
     if not (math.isfinite(gamma) and gamma > 0):
@@ -115,6 +122,7 @@ def make_private(
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     groups = _resolve_groups(model, clipping, planned, trainable, aliases)
     clipper = Clipper(with_thresholds(groups, max_grad_norm), clip_fn, gamma, EngineOptions(norm_method))
+    clipper.count_within = thresholds == "adaptive"
 
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     state = PrivateState(clipper=clipper, sites=[], params=params, clipping=clipping)

@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from lightning_dp.compiling import compile_in_place
 from lightning_dp.engine.clip_fns import ClipFn
+from lightning_dp.engine.make_private import ThresholdMode
 from lightning_dp.rules.linear import NormMethod
 from lightning_dp.strategies.loss import LossReduction
 from lightning_dp.strategies.private_step import PrivateStepMixin
@@ -25,6 +26,7 @@ from lightning_dp.strategies.private_training import (
     PrivateTraining,
     SpeedSettings,
 )
+from lightning_dp.thresholds import DEFAULT_TARGET_QUANTILE, DEFAULT_THRESHOLD_LR
 
 
 class DPStrategy(PrivateStepMixin, SingleDeviceStrategy):
@@ -42,6 +44,15 @@ class DPStrategy(PrivateStepMixin, SingleDeviceStrategy):
             user's batches and accounts every step without amplification (q = 1).
         secure_mode: sampling and noise seeded from OS entropy (refuses a seed), noise drawn as
             sums of float64 normals against floating-point attacks (see README).
+        thresholds: ``"fixed"`` (``max_grad_norm``), or ``"adaptive"``: every group's threshold
+            follows the ``target_quantile`` of its per-example norms, moved each step by a
+            noisy count (``lightning_dp/thresholds.py``) that is charged to the accountant.
+        target_quantile: r, the fraction of examples meant to fall within their threshold.
+        threshold_lr: eta, the step size of the geometric update C <- C exp(-eta (b/(qN) + 1/2 - r)).
+        count_noise_multiplier: sigma_b, the std of each count's Gaussian noise; None spends 5%
+            of the privacy budget on the counts (sigma_b = sigma_eff sqrt(K / 0.2)).
+        initial_threshold: the data-independent starting thresholds (one float, or per group);
+            None starts from ``max_grad_norm``.
         seed: seed of the sampling and noise streams; None draws it from torch's global RNG
             (reproducible under ``seed_everything``).
         max_physical_batch_size: split each logical batch into micro-batches of at most this
@@ -69,6 +80,11 @@ class DPStrategy(PrivateStepMixin, SingleDeviceStrategy):
         noise_multiplier: float | None = None,
         poisson: bool = True,
         secure_mode: bool = False,
+        thresholds: ThresholdMode = "fixed",
+        target_quantile: float = DEFAULT_TARGET_QUANTILE,
+        threshold_lr: float = DEFAULT_THRESHOLD_LR,
+        count_noise_multiplier: float | None = None,
+        initial_threshold: float | dict[str, float] | None = None,
         seed: int | None = None,
         max_physical_batch_size: int | None = None,
         loss_reduction: LossReduction = "auto",
@@ -86,7 +102,11 @@ class DPStrategy(PrivateStepMixin, SingleDeviceStrategy):
         )
         self._device_given = device is not None
         self.private = PrivateTraining(
-            PrivacySettings(clipping, clip_fn, max_grad_norm, gamma, noise_multiplier, poisson, secure_mode),
+            PrivacySettings(
+                clipping, clip_fn, max_grad_norm, gamma, noise_multiplier, poisson, secure_mode,
+                thresholds=thresholds, target_quantile=target_quantile, threshold_lr=threshold_lr,
+                count_noise_multiplier=count_noise_multiplier, initial_threshold=initial_threshold,
+            ),
             SpeedSettings(max_physical_batch_size, norm_method, fallback, compile),
             seed,
             loss_reduction,

@@ -28,6 +28,7 @@ from typing_extensions import override
 from lightning_dp.compiling import compile_submodules
 from lightning_dp.engine import clipper_of
 from lightning_dp.engine.clip_fns import ClipFn
+from lightning_dp.engine.make_private import ThresholdMode
 from lightning_dp.rules.linear import NormMethod
 from lightning_dp.strategies.dp import check_trainer_supports_dp
 from lightning_dp.strategies.fsdp_sharding import (
@@ -45,6 +46,7 @@ from lightning_dp.strategies.private_training import (
     batch_size_of,
     split_batch,
 )
+from lightning_dp.thresholds import DEFAULT_TARGET_QUANTILE, DEFAULT_THRESHOLD_LR
 
 FSDPClipping = str  # "unit" | "layer" | groups that stay inside one unit
 
@@ -57,7 +59,8 @@ class DPFSDPStrategy(PrivateStepMixin, ModelParallelStrategy):
             parameter-name prefixes that each stay inside one unit. ``"flat"`` is refused: it
             would have to hold every unit's gradient until the whole backward ends, after FSDP
             has already reduce-scattered them.
-        clip_fn, max_grad_norm, gamma, noise_multiplier, poisson, secure_mode, seed,
+        clip_fn, max_grad_norm, gamma, noise_multiplier, poisson, secure_mode, thresholds,
+        target_quantile, threshold_lr, count_noise_multiplier, initial_threshold, seed,
         max_physical_batch_size, loss_reduction, norm_method, fallback: see ``DPStrategy``.
         block_types: module classes to shard one unit each when the LightningModule does not
             shard itself in ``configure_model``; default: repeated blocks detected by name.
@@ -81,6 +84,11 @@ class DPFSDPStrategy(PrivateStepMixin, ModelParallelStrategy):
         noise_multiplier: float | None = None,
         poisson: bool = True,
         secure_mode: bool = False,
+        thresholds: ThresholdMode = "fixed",
+        target_quantile: float = DEFAULT_TARGET_QUANTILE,
+        threshold_lr: float = DEFAULT_THRESHOLD_LR,
+        count_noise_multiplier: float | None = None,
+        initial_threshold: float | dict[str, float] | None = None,
         seed: int | None = None,
         max_physical_batch_size: int | None = None,
         loss_reduction: LossReduction = "auto",
@@ -106,7 +114,11 @@ class DPFSDPStrategy(PrivateStepMixin, ModelParallelStrategy):
             process_group_backend=process_group_backend, timeout=timeout,
         )
         self.private = PrivateTraining(
-            PrivacySettings(clipping, clip_fn, max_grad_norm, gamma, noise_multiplier, poisson, secure_mode),
+            PrivacySettings(
+                clipping, clip_fn, max_grad_norm, gamma, noise_multiplier, poisson, secure_mode,
+                thresholds=thresholds, target_quantile=target_quantile, threshold_lr=threshold_lr,
+                count_noise_multiplier=count_noise_multiplier, initial_threshold=initial_threshold,
+            ),
             SpeedSettings(max_physical_batch_size, norm_method, fallback, compile),
             seed,
             loss_reduction,
@@ -147,6 +159,11 @@ class DPFSDPStrategy(PrivateStepMixin, ModelParallelStrategy):
     def data_parallel_rank_and_size(self) -> tuple[int, int]:
         mesh = self.device_mesh["data_parallel"]
         return mesh.get_local_rank(), mesh.size()
+
+    @override
+    def sum_across_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, group=self.device_mesh["data_parallel"].get_group())
+        return tensor
 
     @override
     def micro_batches(self, batch: Any) -> list[Any]:

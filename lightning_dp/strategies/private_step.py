@@ -53,6 +53,10 @@ class PrivateStepMixin:
     def data_parallel_rank_and_size(self) -> tuple[int, int]:
         return self.global_rank, self.world_size
 
+    def sum_across_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a per-rank statistic (the adaptive-threshold counts) over data-parallel ranks."""
+        return tensor
+
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
         if self.lightning_module.trainer.state.stage == RunningStage.TRAINING:
             return batch  # moved one micro-batch at a time
@@ -90,7 +94,7 @@ class PrivateStepMixin:
             self._later_micro_batches = []
             clipper_of(self.lightning_module).real_rows = None
             rank, _ = self.data_parallel_rank_and_size()
-            self.private.noise_and_normalize(self.lightning_module, rank, self.root_device)
+            self.private.noise_and_normalize(self.lightning_module, rank, self.root_device, self.sum_across_ranks)
             return result
 
         return super().optimizer_step(optimizer, private_closure, model, **kwargs)

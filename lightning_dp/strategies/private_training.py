@@ -9,7 +9,7 @@ expected batch size q*N, and the optimizer steps once.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,13 +17,26 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from lightning_dp.accounting import PrivacyLedger
+from lightning_dp.accounting import (
+    PrivacyLedger,
+    count_noise_multiplier_for,
+    effective_noise_multiplier,
+    gradient_noise_multiplier_for,
+)
+from lightning_dp.accounting.adaptive import DEFAULT_COUNT_BUDGET_SHARE
 from lightning_dp.data import PoissonBatchSampler
-from lightning_dp.engine import is_private, make_private, sensitivity
+from lightning_dp.engine import clipper_of, is_private, make_private, sensitivity
 from lightning_dp.engine.clip_fns import ClipFn
+from lightning_dp.engine.make_private import ThresholdMode
 from lightning_dp.noise import add_noise_and_normalize, make_noise_generator
 from lightning_dp.rules.linear import NormMethod
 from lightning_dp.strategies.loss import LossReduction
+from lightning_dp.thresholds import (
+    DEFAULT_TARGET_QUANTILE,
+    DEFAULT_THRESHOLD_LR,
+    AdaptiveThresholds,
+    check_adaptive_settings,
+)
 
 ClippingStyle = Literal["flat", "layer", "unit"]
 
@@ -39,6 +52,11 @@ class PrivacySettings:
     noise_multiplier: float | None = None
     poisson: bool = True
     secure_mode: bool = False
+    thresholds: ThresholdMode = "fixed"
+    target_quantile: float = DEFAULT_TARGET_QUANTILE
+    threshold_lr: float = DEFAULT_THRESHOLD_LR
+    count_noise_multiplier: float | None = None
+    initial_threshold: float | dict[str, float] | None = None
 
 
 @dataclass
@@ -95,6 +113,8 @@ class PrivateTraining:
                 "OS entropy, and a known seed would make them reproducible. Drop the seed."
             )
         self.privacy, self.speed, self.seed, self.loss_reduction = privacy, speed, seed, loss_reduction
+        #: the adaptive thresholds' state (None with fixed thresholds)
+        self.adaptive = _adaptive_thresholds(privacy)
         self.sampler: PoissonBatchSampler | None = None
         self.num_samples: int | None = None
         self.sample_rate: float | None = None
@@ -106,13 +126,16 @@ class PrivateTraining:
 
     # -- model ---------------------------------------------------------------------------
     def make_private(self, module: nn.Module) -> None:
-        if is_private(module):
-            return
         p = self.privacy
-        make_private(
-            module, clipping=p.clipping, clip_fn=p.clip_fn, max_grad_norm=p.max_grad_norm,
-            gamma=p.gamma, norm_method=self.speed.norm_method, fallback=self.speed.fallback,
-        )
+        if not is_private(module):
+            initial = p.initial_threshold if p.initial_threshold is not None else p.max_grad_norm
+            make_private(
+                module, clipping=p.clipping, clip_fn=p.clip_fn, max_grad_norm=initial,
+                gamma=p.gamma, norm_method=self.speed.norm_method, fallback=self.speed.fallback,
+                thresholds=p.thresholds,
+            )
+        if self.adaptive is not None:
+            self.adaptive.attach(clipper_of(module))
 
     # -- data ----------------------------------------------------------------------------
     def make_sampler(self, num_samples: int, sample_rate: float, rank: int, world_size: int) -> PoissonBatchSampler:
@@ -154,8 +177,62 @@ class PrivateTraining:
                 self.generator.set_state(pending["noise_generator"])
         return self.generator
 
-    def noise_and_normalize(self, module: nn.Module, rank: int, device: torch.device) -> None:
-        """Release one step: noise once, divide by q*N, charge the ledger."""
+    # -- noise multipliers ----------------------------------------------------------------
+    @property
+    def num_counts(self) -> int:
+        """K, the noisy counts released per step (one per group with adaptive thresholds)."""
+        if self.adaptive is None:
+            return 0
+        if not self.adaptive.thresholds:
+            raise RuntimeError("lightning-dp: the number of clipping groups is known only once "
+                               "the model is made private (at the strategy's setup).")
+        return len(self.adaptive.thresholds)
+
+    @property
+    def count_noise_multiplier(self) -> float | None:
+        """sigma_b of the counts; by default they spend DEFAULT_COUNT_BUDGET_SHARE of the
+        budget, i.e. sigma_b = count_noise_multiplier_for(sigma * sqrt(1 - share), K)."""
+        p = self.privacy
+        if self.adaptive is None or p.count_noise_multiplier is not None:
+            return p.count_noise_multiplier
+        if p.noise_multiplier is None:
+            return None
+        share = DEFAULT_COUNT_BUDGET_SHARE
+        return count_noise_multiplier_for(p.noise_multiplier * math.sqrt(1 - share), self.num_counts, share)
+
+    @property
+    def effective_noise_multiplier(self) -> float:
+        """sigma_eff charged per step: the gradient's sigma, joined with the counts if any."""
+        sigma = self.privacy.noise_multiplier
+        if self.adaptive is None or sigma is None:
+            return sigma
+        return effective_noise_multiplier(sigma, self.count_noise_multiplier, self.num_counts)
+
+    def calibrate(self, effective_noise_multiplier: float) -> None:
+        """Set the noise from a calibrated sigma_eff: with adaptive thresholds the counts take
+        their share (sigma_b) and the gradient's sigma is raised so the joint release costs
+        exactly sigma_eff."""
+        p = self.privacy
+        if self.adaptive is None:
+            p.noise_multiplier = effective_noise_multiplier
+            return
+        k = self.num_counts
+        sigma_b = p.count_noise_multiplier
+        if sigma_b is None:
+            sigma_b = count_noise_multiplier_for(effective_noise_multiplier, k)
+        p.noise_multiplier = gradient_noise_multiplier_for(effective_noise_multiplier, sigma_b, k)
+        p.count_noise_multiplier = sigma_b
+
+    def noise_and_normalize(
+        self,
+        module: nn.Module,
+        rank: int,
+        device: torch.device,
+        sum_across_ranks: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        """Release one step: noise once, divide by q*N, then (adaptive) the noisy counts move
+        the thresholds; charge the ledger for both. ``sum_across_ranks`` sums the ranks' counts
+        under data parallelism; rank 0 alone adds their noise."""
         if self.max_steps is not None and self.ledger.steps >= self.max_steps:
             raise RuntimeError(
                 f"lightning-dp: step {self.ledger.steps + 1} would exceed the privacy budget "
@@ -168,15 +245,23 @@ class PrivateTraining:
                 "lightning-dp: no noise multiplier is set. Pass noise_multiplier to the strategy, "
                 "or add lightning_dp.PrivacyAccountant(target_epsilon=...) to calibrate it."
             )
+        generator = self.noise_generator(rank, device)
         add_noise_and_normalize(
             [p for p in module.parameters() if p.requires_grad],
             noise_multiplier=sigma,
-            sensitivity=sensitivity(module),
+            sensitivity=sensitivity(module),  # the thresholds that clipped this step
             expected_batch_size=self.expected_batch_size,
-            generator=self.noise_generator(rank, device),
+            generator=generator,
             secure_mode=self.privacy.secure_mode,
         )
-        self.ledger.step(noise_multiplier=sigma, sample_rate=self.accounted_sample_rate)
+        if self.adaptive is not None:
+            self.adaptive.release(
+                count_noise_multiplier=self.count_noise_multiplier,
+                expected_batch_size=self.expected_batch_size, generator=generator,
+                add_noise=rank == 0, sum_across_ranks=sum_across_ranks,
+            )
+        self.ledger.step(noise_multiplier=sigma, sample_rate=self.accounted_sample_rate,
+                         count_noise_multiplier=self.count_noise_multiplier, num_groups=self.num_counts)
 
     @property
     def accounted_sample_rate(self) -> float:
@@ -187,6 +272,8 @@ class PrivateTraining:
     def state_dict(self) -> dict[str, Any]:
         return {
             "noise_multiplier": self.privacy.noise_multiplier,
+            "count_noise_multiplier": self.privacy.count_noise_multiplier,
+            "thresholds": self.adaptive.state_dict() if self.adaptive is not None else None,
             "ledger": self.ledger.state_dict(),
             # every logical batch trained on is one ledger step; batches prefetched beyond it
             # are drawn again after a resume
@@ -199,9 +286,43 @@ class PrivateTraining:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore; sampler and noise streams are applied when they are (re)built."""
         self.privacy.noise_multiplier = state["noise_multiplier"]
+        saved = state.get("thresholds")
+        if (saved is None) != (self.adaptive is None):
+            raise ValueError(
+                f"The checkpoint was trained with thresholds={'fixed' if saved is None else 'adaptive'!r}"
+                f" but this run has thresholds={self.privacy.thresholds!r}; resume with the same "
+                "setting, or the thresholds (and the privacy accounting) would not continue."
+            )
+        if self.adaptive is not None:
+            self.privacy.count_noise_multiplier = state["count_noise_multiplier"]
+            self.adaptive.load_state_dict(saved)
         self.ledger.load_state_dict(state["ledger"])
         self._pending_state = state
         if self.sampler is not None and state.get("sampler") is not None:
             self.sampler.load_state_dict(state["sampler"])
         if self.generator is not None and state.get("noise_generator") is not None:
             self.generator.set_state(state["noise_generator"])
+
+
+def _adaptive_thresholds(privacy: PrivacySettings) -> AdaptiveThresholds | None:
+    """Validate the threshold settings; the adaptive state when thresholds='adaptive'."""
+    p = privacy
+    if p.thresholds == "adaptive":
+        check_adaptive_settings(p.target_quantile, p.threshold_lr, p.count_noise_multiplier)
+        return AdaptiveThresholds(target_quantile=p.target_quantile, threshold_lr=p.threshold_lr)
+    if p.thresholds != "fixed":
+        raise ValueError(f"thresholds={p.thresholds!r} is not 'fixed' or 'adaptive'.")
+    unused = {
+        name: value for name, value, default in [
+            ("target_quantile", p.target_quantile, DEFAULT_TARGET_QUANTILE),
+            ("threshold_lr", p.threshold_lr, DEFAULT_THRESHOLD_LR),
+            ("count_noise_multiplier", p.count_noise_multiplier, None),
+            ("initial_threshold", p.initial_threshold, None),
+        ] if value != default
+    }
+    if unused:
+        raise ValueError(
+            f"{unused} only apply to adaptive thresholds, but thresholds='fixed'; pass "
+            "thresholds='adaptive' to use them, or drop them (fixed thresholds are max_grad_norm)."
+        )
+    return None

@@ -9,7 +9,11 @@ from dp_accounting.rdp import RdpAccountant
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lightning_dp.accounting import effective_noise_multiplier, gradient_noise_multiplier_for
+from lightning_dp.accounting import (
+    count_noise_multiplier_for,
+    effective_noise_multiplier,
+    gradient_noise_multiplier_for,
+)
 
 
 def _joint_release(sigma, sigma_b, k):
@@ -60,3 +64,22 @@ def test_subsampled_joint_release_is_one_subsampled_gaussian_at_sigma_eff():
         dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma_eff)), steps)
     assert RdpAccountant().compose(joint).get_epsilon(1e-5) == pytest.approx(
         RdpAccountant().compose(single).get_epsilon(1e-5), rel=1e-9)
+
+
+@given(sigma_eff=st.floats(0.3, 20), k=st.integers(1, 200), share=st.floats(0.01, 0.9))
+def test_default_count_noise_spends_exactly_its_share_of_the_budget(sigma_eff, k, share):
+    sigma_b = count_noise_multiplier_for(sigma_eff, k, share)
+    assert k * (2 * sigma_b) ** -2 == pytest.approx(share * sigma_eff**-2, rel=1e-12)
+    sigma = gradient_noise_multiplier_for(sigma_eff, sigma_b, k)
+    assert sigma == pytest.approx(sigma_eff / math.sqrt(1 - share), rel=1e-9)
+    assert effective_noise_multiplier(sigma, sigma_b, k) == pytest.approx(sigma_eff, rel=1e-12)
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    ((1.0, 0), r"`num_groups`=0"),
+    ((1.0, 3, 1.0), r"`budget_share`=1\.0.*\(0, 1\)"),
+    ((-1.0, 3), r"`effective_noise_multiplier`=-1\.0"),
+])
+def test_default_count_noise_refuses_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        count_noise_multiplier_for(*args)

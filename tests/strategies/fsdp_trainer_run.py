@@ -1,6 +1,6 @@
 """Trainer(strategy="dp_fsdp", devices=2) on CPU/gloo; Lightning re-runs this script per rank.
 
-    python fsdp_trainer_run.py OUT_DIR MAX_STEPS sharded|full [CKPT_PATH]
+    python fsdp_trainer_run.py OUT_DIR MAX_STEPS sharded|full [CKPT_PATH] [--adaptive]
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ class LanguageModel(L.LightningModule):
 
 
 def main() -> None:
-    out, max_steps, layout = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    ckpt = sys.argv[4] if len(sys.argv) > 4 else None
+    adaptive = "--adaptive" in sys.argv
+    args = [a for a in sys.argv[1:] if a != "--adaptive"]
+    out, max_steps, layout = args[0], int(args[1]), args[2]
+    ckpt = args[3] if len(args) > 3 else None
     L.seed_everything(0)
     data = TensorDataset(torch.randint(0, 17, (64, 8), generator=torch.Generator().manual_seed(0)))
     accountant = lightning_dp.PrivacyAccountant(target_epsilon=4.0, accountant="rdp", log_every_n_steps=1)
@@ -42,6 +44,7 @@ def main() -> None:
         strategy=lightning_dp.DPFSDPStrategy(
             max_grad_norm=1.0, seed=3, max_physical_batch_size=4,
             save_distributed_checkpoint=layout == "sharded",
+            thresholds="adaptive" if adaptive else "fixed", initial_threshold=0.05 if adaptive else None,
         ),
         accelerator="cpu", devices=2, max_steps=max_steps, logger=False, enable_progress_bar=False,
         enable_model_summary=False,
@@ -51,6 +54,8 @@ def main() -> None:
     trainer.fit(module, DataLoader(data, batch_size=16), ckpt_path=ckpt)
     params = {n: p.full_tensor() for n, p in module.named_parameters()}
     private = trainer.strategy.private
+    if adaptive:  # every rank's thresholds, to check that the ranks agree
+        torch.save(private.adaptive.history, f"{out}/thresholds_rank{trainer.global_rank}.pt")
     if trainer.global_rank == 0:
         torch.save(params, f"{out}/params.pt")
         with open(f"{out}/result.json", "w") as f:
@@ -60,6 +65,8 @@ def main() -> None:
                 "ledger_steps": private.ledger.steps,
                 "global_step": trainer.global_step,
                 "sigma": private.privacy.noise_multiplier,
+                "sigma_eff": private.effective_noise_multiplier,
+                "ledger_sigma": [entry.noise_multiplier for entry in private.ledger.history],
                 "q": private.sample_rate,
                 "delta": accountant.delta,
                 "groups": sorted(lightning_dp.group_thresholds(module)),

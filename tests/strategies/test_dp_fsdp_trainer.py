@@ -15,8 +15,8 @@ from lightning_dp.accounting import epsilon
 SCRIPT = Path(__file__).with_name("fsdp_trainer_run.py")
 
 
-def _run(out: Path, max_steps: int, layout: str, ckpt: Path | None = None) -> dict:
-    args = [sys.executable, str(SCRIPT), str(out), str(max_steps), layout] + ([str(ckpt)] if ckpt else [])
+def _run(out: Path, max_steps: int, layout: str, ckpt: Path | None = None, *flags: str) -> dict:
+    args = [sys.executable, str(SCRIPT), str(out), str(max_steps), layout] + ([str(ckpt)] if ckpt else []) + list(flags)
     done = subprocess.run(args, capture_output=True, text=True, timeout=400, cwd=out)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return json.loads((out / "result.json").read_text())
@@ -42,3 +42,23 @@ def test_dp_fsdp_trains_logs_the_accountants_epsilon_and_resumes(tmp_path, layou
     b = torch.load(resumed_dir / "params.pt", weights_only=True)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_dp_fsdp_adaptive_thresholds_agree_across_ranks_and_resume(tmp_path):
+    """Counts are summed over ranks with one noise draw (rank 0's), so every rank moves its
+    thresholds identically; the joint release is charged; a resumed run continues them."""
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    full_dir.mkdir(), resumed_dir.mkdir()
+    full = _run(full_dir, 6, "sharded", None, "--adaptive")
+    ranks = [torch.load(full_dir / f"thresholds_rank{r}.pt") for r in range(2)]
+    assert ranks[0] == ranks[1]
+    assert all(h[-1] != h[0] for h in ranks[0].values())
+    assert full["sigma_eff"] < full["sigma"] and full["ledger_sigma"] == [full["sigma_eff"]]
+    want = epsilon(noise_multiplier=full["sigma_eff"], sample_rate=full["q"], steps=6, delta=full["delta"], accountant="rdp")
+    assert full["epsilon"] == pytest.approx(want, rel=1e-9) and want <= 4.0
+
+    resumed = _run(resumed_dir, 6, "sharded", next((full_dir / "ckpt").glob("*step=3*")), "--adaptive")
+    assert resumed["epsilon"] == full["epsilon"]
+    for r in range(2):
+        assert torch.load(resumed_dir / f"thresholds_rank{r}.pt") == ranks[0]
