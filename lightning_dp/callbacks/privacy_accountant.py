@@ -45,6 +45,12 @@ class PrivacyAccountant(Callback):
         delta: the delta of (epsilon, delta)-DP; default ``1 / (10 N)``, well below 1/N.
         accountant: ``"pld"`` (tight) or ``"rdp"`` (faster, looser).
         log_every_n_steps: how often epsilon is recomputed and logged; default the Trainer's.
+        log_clip_fraction: also log ``dp/clip_fraction/<group>``, the raw fraction of the last
+            micro-batch's examples whose norm exceeded the threshold. It is computed from the
+            data without noise, so logs that hold it are NOT covered by the DP guarantee: a
+            tuning diagnostic, off by default. Thresholds (public, or moved only by noisy
+            counts) and the noisy ``dp/within_fraction/<group>`` of adaptive thresholds are
+            always logged.
 
     The neighbouring relation is add/remove of one training example.
     """
@@ -55,6 +61,7 @@ class PrivacyAccountant(Callback):
         delta: float | None = None,
         accountant: Literal["pld", "rdp"] = "pld",
         log_every_n_steps: int | None = None,
+        log_clip_fraction: bool = False,
     ) -> None:
         if target_epsilon is not None and not (math.isfinite(target_epsilon) and target_epsilon > 0):
             raise ValueError(f"PrivacyAccountant: target_epsilon={target_epsilon!r} must be positive and finite.")
@@ -66,6 +73,7 @@ class PrivacyAccountant(Callback):
         self.delta = delta
         self.accountant = accountant
         self.log_every_n_steps = log_every_n_steps
+        self.log_clip_fraction = log_clip_fraction
         self.epsilon: float = 0.0
 
     # -- start ---------------------------------------------------------------------------
@@ -161,8 +169,9 @@ class PrivacyAccountant(Callback):
                 pl_module.log(f"dp/within_fraction/{name}", fraction, on_step=True, on_epoch=False)
         clipper = clipper_of(pl_module)
         for name, stats in clipper.stats.items():
-            batch_size = max(int(stats.norms.numel()), 1)
-            pl_module.log(f"dp/clip_fraction/{name}", float(stats.clipped) / batch_size, on_step=True, on_epoch=False)
+            if self.log_clip_fraction:
+                batch_size = max(int(stats.norms.numel()), 1)
+                pl_module.log(f"dp/clip_fraction/{name}", float(stats.clipped) / batch_size, on_step=True, on_epoch=False)
             pl_module.log(f"dp/threshold/{name}", clipper.groups[name].threshold, on_step=True, on_epoch=False)
         if stop and not trainer.should_stop:
             rank_zero_info(

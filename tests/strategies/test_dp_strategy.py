@@ -171,3 +171,15 @@ def test_validation_runs_the_plain_model_and_charges_nothing():
     t.validate(model, DataLoader(toy_dataset(40, seed=1), batch_size=20), verbose=False)
     assert strategy.private.ledger.steps == t.global_step  # validation charged no budget
     assert "val_loss" in t.callback_metrics
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_raw_clip_fraction_is_logged_only_on_request(enabled):
+    """The raw clip fraction is a non-noised statistic of the data: off unless asked for."""
+    accountant = lightning_dp.PrivacyAccountant(accountant="rdp", log_clip_fraction=enabled)
+    strategy = lightning_dp.DPStrategy(noise_multiplier=1.0, seed=SEED)
+    t = trainer(strategy, callbacks=[accountant], max_steps=2, log_every_n_steps=1)
+    t.fit(Classifier(), DataLoader(toy_dataset(N), batch_size=BATCH))
+    logged = set(t.callback_metrics)
+    assert {"epsilon", "dp/threshold/net.0"} <= logged
+    assert ("dp/clip_fraction/net.0" in logged) == enabled
