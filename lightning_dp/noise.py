@@ -22,7 +22,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-__all__ = ["add_noise_and_normalize", "make_noise_generator"]
+__all__ = ["add_noise_and_normalize", "make_noise_generator", "standard_normal"]
 
 # Domain tag mixed into the seed, so noise never reuses the sampler's stream for one seed.
 _NOISE_STREAM = 0x4E4F4953
@@ -153,15 +153,22 @@ def add_noise_and_normalize(
         work_dtype = torch.float32 if local.dtype in _LOW_PRECISION else local.dtype
         work = local if work_dtype == local.dtype else local.to(work_dtype)
         if std > 0:
-            work.add_(_gaussian(local, work_dtype, generator, secure_mode), alpha=std)
+            work.add_(standard_normal(local.shape, work_dtype, local.device, generator, secure_mode), alpha=std)
         work.div_(divisor)
         if work is not local:
             local.copy_(work)
 
 
-def _gaussian(like: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None, secure: bool) -> torch.Tensor:
-    """Standard normal noise shaped like ``like``; hardened as two float64 draws in secure mode."""
-    if not secure:
-        return torch.randn(like.shape, generator=generator, device=like.device, dtype=dtype)
-    draws = torch.randn((2, *like.shape), generator=generator, device=like.device, dtype=torch.float64)
+def standard_normal(
+    shape: torch.Size | tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    generator: torch.Generator | None,
+    secure_mode: bool = False,
+) -> torch.Tensor:
+    """N(0, 1) draws; in secure mode ``(z1 + z2) / sqrt(2)`` of two float64 normals, rounded once
+    (see ``add_noise_and_normalize``). Every noisy release of the library draws through here."""
+    if not secure_mode:
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    draws = torch.randn((2, *shape), generator=generator, device=device, dtype=torch.float64)
     return (draws.sum(0) / math.sqrt(2)).to(dtype)

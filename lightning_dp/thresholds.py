@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from lightning_dp.engine import Clipper
+from lightning_dp.noise import standard_normal
 
 __all__ = [
     "DEFAULT_TARGET_QUANTILE",
@@ -90,6 +91,7 @@ def noisy_counts(
     generator: torch.Generator | None,
     add_noise: bool = True,
     sum_across_ranks: Callable[[Tensor], Tensor] | None = None,
+    secure_mode: bool = False,
 ) -> Tensor:
     """Add N(0, sigma_b^2) to the centred counts, once over all ranks, and sum them.
 
@@ -101,8 +103,8 @@ def noisy_counts(
     counts = counts.to(torch.float32)
     if add_noise:
         device = generator.device if generator is not None else counts.device
-        counts = counts.to(device) + count_noise_multiplier * torch.randn(
-            counts.shape, generator=generator, device=device, dtype=torch.float32)
+        counts = counts.to(device) + count_noise_multiplier * standard_normal(
+            counts.shape, torch.float32, device, generator, secure_mode)
     return counts if sum_across_ranks is None else sum_across_ranks(counts)
 
 
@@ -155,6 +157,7 @@ class AdaptiveThresholds:
         generator: torch.Generator | None,
         add_noise: bool = True,
         sum_across_ranks: Callable[[Tensor], Tensor] | None = None,
+        secure_mode: bool = False,
     ) -> dict[str, float]:
         """Release this step's noisy counts and move the thresholds; call after the gradient
         noise, once per logical batch. Returns the new thresholds."""
@@ -164,6 +167,7 @@ class AdaptiveThresholds:
         released = noisy_counts(
             self._clipper.take_counts(device), count_noise_multiplier=count_noise_multiplier,
             generator=generator, add_noise=add_noise, sum_across_ranks=sum_across_ranks,
+            secure_mode=secure_mode,
         ).tolist()
         counts = dict(zip(self._groups, released))
         self.last_fractions = {n: b / expected_batch_size + 0.5 for n, b in counts.items()}

@@ -259,6 +259,7 @@ class PrivateTraining:
                 count_noise_multiplier=self.count_noise_multiplier,
                 expected_batch_size=self.expected_batch_size, generator=generator,
                 add_noise=rank == 0, sum_across_ranks=sum_across_ranks,
+                secure_mode=self.privacy.secure_mode,
             )
         self.ledger.step(noise_multiplier=sigma, sample_rate=self.accounted_sample_rate,
                          count_noise_multiplier=self.count_noise_multiplier, num_groups=self.num_counts)
