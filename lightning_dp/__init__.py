@@ -10,6 +10,7 @@ from lightning_dp.engine import (
     sensitivity,
     strip_private,
 )
+from lightning_dp.exporting import export, privacy_card
 from lightning_dp.rules import rules
 from lightning_dp.strategies import DPFSDPStrategy, DPStrategy
 
@@ -18,9 +19,11 @@ __all__ = [
     "DPStrategy",
     "PrivacyAccountant",
     "PrivacyLeakError",
+    "export",
     "group_norms",
     "group_thresholds",
     "make_private",
+    "privacy_card",
     "rules",
     "sensitivity",
     "strip_private",
