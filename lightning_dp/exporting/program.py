@@ -25,7 +25,7 @@ from lightning_dp.exporting.card import privacy_card as card_of_trainer
 #: Name of the privacy card inside the ``.pt2`` archive.
 CARD_FILE = "privacy_card.json"
 #: Source files of the DP machinery; a graph node traced through them is a DP op.
-_DP_CODE = re.compile(r"lightning_dp[/\](engine|rules)[/\]")
+_DP_CODE = re.compile(r"lightning_dp[/\\](engine|rules)[/\\]")
 
 
 def export(
