@@ -1,7 +1,7 @@
 """Differentially private training for PyTorch Lightning."""
 
 from lightning_dp import strategies  # noqa: F401  (registers "dp" in Lightning's StrategyRegistry)
-from lightning_dp.callbacks import PrivacyAccountant
+from lightning_dp.callbacks import PrivacyAccountant, PrivacyReport
 from lightning_dp.engine import (
     PrivacyLeakError,
     group_norms,
@@ -19,6 +19,7 @@ __all__ = [
     "DPStrategy",
     "PrivacyAccountant",
     "PrivacyLeakError",
+    "PrivacyReport",
     "export",
     "group_norms",
     "group_thresholds",
