@@ -13,7 +13,6 @@ from another, e.g. ``${data.init_args.batch_size}``.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -22,7 +21,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning_dp.exporting import export, privacy_card_from_checkpoint
 from lightning_dp.strategies.private_training import PrivateTraining
 
-__all__ = ["DPTrainer", "LightningDPCLI", "main"]
+__all__ = ["DPTrainer", "LightningDPCLI", "main", "run"]
 
 
 class DPTrainer(Trainer):
@@ -78,8 +77,8 @@ class LightningDPCLI(LightningCLI):
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
 
-def main(args: ArgsType = None, run: bool = True) -> LightningDPCLI:
-    """Entry point of the ``lightning-dp`` console script."""
+def run(args: ArgsType = None) -> LightningDPCLI:
+    """Parse ``args`` (default ``sys.argv``) and run the subcommand; returns the CLI object."""
     # The recipes train on packaged data and weights: never reach for a model hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return LightningDPCLI(
@@ -87,8 +86,12 @@ def main(args: ArgsType = None, run: bool = True) -> LightningDPCLI:
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
         args=args,
-        run=run,
     )
+
+
+def main() -> None:
+    """Entry point of the ``lightning-dp`` console script."""
+    run()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_dp.cli import main
+from lightning_dp.cli import run as main
 from lightning_dp.exporting import load
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
