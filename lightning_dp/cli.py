@@ -51,7 +51,7 @@ class DPTrainer(Trainer):
             )
         private = getattr(self.strategy, "private", None)
         if not isinstance(private, PrivateTraining):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004  (a wrong configuration value, not a wrong type)
                 f"export: trainer.strategy is {type(self.strategy).__name__}, not a lightning-dp "
                 "strategy; export with the config the model was trained with (its privacy "
                 "settings define the clipping groups on the privacy card)."

@@ -74,7 +74,7 @@ def test_card_matches_the_accountant_inside_and_beside_the_program(fitted, tmp_p
 
 
 def test_card_from_a_checkpoint_equals_the_live_card(fitted):
-    t, model, _, ckpt = fitted
+    t, _, _, ckpt = fitted
     fresh = Classifier()
     checkpoint = torch.load(ckpt, weights_only=False)
     fresh.load_state_dict(checkpoint["state_dict"])

@@ -7,7 +7,6 @@ import gzip
 import lightning as L
 import numpy as np
 import pytest
-import torch
 from dp_fixtures import trainer
 
 import lightning_dp
