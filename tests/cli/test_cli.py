@@ -50,7 +50,7 @@ def fashion_run(tmp_path):
     return [
         "--config", str(FASHION), "--trainer.default_root_dir", str(tmp_path),
         "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.enable_model_summary", "false",
         "--data.init_args.limit_train", "600", "--data.init_args.batch_size", "60",
     ]
 
