@@ -12,11 +12,13 @@ from another, e.g. ``${data.init_args.batch_size}``.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningCLI
+from omegaconf import OmegaConf
 
 from lightning_dp.exporting import export, privacy_card_from_checkpoint
 from lightning_dp.strategies.private_training import PrivateTraining
@@ -77,8 +79,33 @@ class LightningDPCLI(LightningCLI):
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
 
+def _product(*factors: int | float) -> float:
+    return math.prod(factors)
+
+
+def _quotient(numerator: int | float, denominator: int | float) -> float:
+    return numerator / denominator
+
+
+def _nearest_int(value: int | float) -> int:
+    return round(value)
+
+
+#: Arithmetic for config files, e.g. an expected batch size from q and N:
+#: ``batch_size: ${dp.int:${dp.mul:0.017,60000}}``. Resolved inside the file only.
+RESOLVERS = {"dp.mul": _product, "dp.div": _quotient, "dp.int": _nearest_int}
+
+
+def register_resolvers() -> None:
+    """Make the ``dp.*`` arithmetic resolvers available to OmegaConf interpolation."""
+    for name, resolver in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_resolver(name, resolver)
+
+
 def run(args: ArgsType = None) -> LightningDPCLI:
     """Parse ``args`` (default ``sys.argv``) and run the subcommand; returns the CLI object."""
+    register_resolvers()
     # The recipes train on packaged data and weights: never reach for a model hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return LightningDPCLI(
