@@ -1,4 +1,4 @@
-"""The ``lightning-dp`` command: LightningCLI with DP defaults and an ``export`` subcommand.
+"""The ``lightning-dp`` command: LightningCLI with OmegaConf interpolation and an ``export`` subcommand.
 
     lightning-dp fit --config configs/fashion_mnist.yaml
     lightning-dp export --config configs/fashion_mnist.yaml --ckpt_path <run>/checkpoints/last.ckpt
@@ -7,7 +7,7 @@ Every privacy setting is an init arg of the strategy (``trainer.strategy``, clas
 ``lightning_dp.DPStrategy``) or of the ``PrivacyAccountant`` callback, so YAML and the command
 line reach all of them, and jsonargparse checks each against its type (``Literal`` choices,
 numbers) before anything runs. OmegaConf interpolation is on: a config may derive one value
-from another, e.g. ``${data.init_args.batch_size}``.
+from another, e.g. ``${data.init_args.batch_size}``, with the ``dp.*`` arithmetic resolvers.
 """
 
 from __future__ import annotations
