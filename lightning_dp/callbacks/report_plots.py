@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -36,8 +37,10 @@ def plot_clipping(history: Series, path: Path) -> Path:
     thresholds.set(xlabel="step", ylabel="threshold C")
     for axes in (fractions, thresholds):
         axes.grid(alpha=0.3)
-    if len(fractions.get_lines()) <= 12:
-        fractions.legend(fontsize="x-small", ncols=2)
+    groups = len(fractions.get_lines())
+    if 0 < groups <= 40:  # beyond that a legend is unreadable; the JSON report has every series
+        figure.set_figwidth(6 + 1.5 * math.ceil(groups / 20))
+        fractions.legend(fontsize="x-small", ncols=math.ceil(groups / 20), loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.savefig(path, dpi=120)
     return path
 
