@@ -79,15 +79,15 @@ class LightningDPCLI(LightningCLI):
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
 
-def _product(*factors: int | float) -> float:
+def _product(*factors: int | float) -> float:  # noqa: PYI041  (OmegaConf checks int vs float)
     return math.prod(factors)
 
 
-def _quotient(numerator: int | float, denominator: int | float) -> float:
+def _quotient(numerator: int | float, denominator: int | float) -> float:  # noqa: PYI041
     return numerator / denominator
 
 
-def _nearest_int(value: int | float) -> int:
+def _nearest_int(value: int | float) -> int:  # noqa: PYI041
     return round(value)
 
 
