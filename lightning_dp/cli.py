@@ -36,6 +36,7 @@ class DPTrainer(Trainer):
         ckpt_path: str | None = None,
         output: str = "model.pt2",
         dynamic_batch: bool = True,
+        aoti_package: str | None = None,
     ) -> None:
         """Export a privately trained checkpoint with torch.export and its privacy card.
 
@@ -45,6 +46,7 @@ class DPTrainer(Trainer):
             ckpt_path: the checkpoint written by ``lightning-dp fit``.
             output: the ``.pt2`` file; the card is also written to ``<output>.privacy.json``.
             dynamic_batch: export the batch dimension as dynamic.
+            aoti_package: also write an AOTInductor-compiled package there.
         """
         if ckpt_path is None:
             raise ValueError(
@@ -67,7 +69,7 @@ class DPTrainer(Trainer):
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         model.load_state_dict(checkpoint["state_dict"])
         card = privacy_card_from_checkpoint(checkpoint, model, private.privacy)
-        export(model, example, output, privacy_card=card, dynamic_batch=dynamic_batch)
+        export(model, example, output, privacy_card=card, dynamic_batch=dynamic_batch, aoti_package=aoti_package)
         print(f"lightning-dp: exported {output} at epsilon {card['epsilon']:.4g} (delta {card['delta']:.3g})")
 
 

@@ -35,6 +35,7 @@ def export(
     *,
     privacy_card: pl.Trainer | Mapping[str, Any] | None = None,
     dynamic_batch: bool = True,
+    aoti_package: str | Path | None = None,
 ) -> ExportedProgram:
     """Export ``model`` without DP machinery and save it with its privacy card.
 
@@ -46,6 +47,9 @@ def export(
             Trainer the LightningModule is attached to.
         dynamic_batch: export dim 0 of every input tensor as a dynamic batch size (torch may
             still specialise it where the model requires).
+        aoti_package: also compile the program ahead of time with AOTInductor into this
+            package (needs a C++ compiler; load with ``torch._inductor.aoti_load_package``);
+            its card is written to ``<aoti_package>.privacy.json``.
 
     Returns:
         The exported program (also loadable with :func:`load` or ``torch.export.load``).
@@ -69,6 +73,9 @@ def export(
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, path, extra_files={CARD_FILE: text})
     card_path(path).write_text(text + "\n")
+    if aoti_package is not None:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(aoti_package))
+        card_path(aoti_package).write_text(text + "\n")
     return program
 
 

@@ -85,3 +85,16 @@ def test_card_from_a_checkpoint_equals_the_live_card(fitted):
 def test_export_without_a_known_guarantee_is_refused(tmp_path):
     with pytest.raises(ValueError, match="privacy_card=None"):
         lightning_dp.export(torch.nn.Linear(3, 2), torch.randn(2, 3), tmp_path / "m.pt2")
+
+
+@pytest.mark.slow
+def test_aoti_package_computes_what_the_trained_model_computes(fitted, tmp_path):
+    t, model, _, _ = fitted
+    package = tmp_path / "model.aoti.pt2"
+    lightning_dp.export(model, torch.randn(4, 8), tmp_path / "model.pt2", privacy_card=t, aoti_package=package)
+    compiled = torch._inductor.aoti_load_package(str(package))
+    x = torch.randn(6, 8)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+    assert json.loads(card_path(package).read_text()) == lightning_dp.privacy_card(t)
