@@ -151,6 +151,8 @@ def _required_delta(delta: float | None) -> float:
 def _thresholds(model: nn.Module, privacy: PrivacySettings) -> dict[str, float]:
     if is_private(model):
         return group_thresholds(model)
+    # Groups depend only on the model and the privacy settings; fallback=True cannot change a
+    # group that training formed (without it, make_private would have refused the module).
     probe = make_private(
         copy.deepcopy(model), clipping=privacy.clipping, clip_fn=privacy.clip_fn,
         max_grad_norm=privacy.max_grad_norm, gamma=privacy.gamma, fallback=True,
