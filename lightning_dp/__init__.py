@@ -1,7 +1,7 @@
 """Differentially private training for PyTorch Lightning."""
 
 from lightning_dp import strategies  # noqa: F401  (registers "dp" in Lightning's StrategyRegistry)
-from lightning_dp.callbacks import PrivacyAccountant
+from lightning_dp.callbacks import PrivacyAccountant, PrivacyReport
 from lightning_dp.compiling import compile
 from lightning_dp.engine import (
     PrivacyLeakError,
@@ -11,6 +11,7 @@ from lightning_dp.engine import (
     sensitivity,
     strip_private,
 )
+from lightning_dp.exporting import export, privacy_card
 from lightning_dp.rules import rules
 from lightning_dp.strategies import DPFSDPStrategy, DPStrategy
 
@@ -19,10 +20,13 @@ __all__ = [
     "DPStrategy",
     "PrivacyAccountant",
     "PrivacyLeakError",
+    "PrivacyReport",
     "compile",
+    "export",
     "group_norms",
     "group_thresholds",
     "make_private",
+    "privacy_card",
     "rules",
     "sensitivity",
     "strip_private",
