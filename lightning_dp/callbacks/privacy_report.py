@@ -22,7 +22,7 @@ from typing_extensions import override
 from lightning_dp.callbacks.report_plots import plot_clipping, plot_epsilon
 from lightning_dp.exporting.card import privacy_card
 
-_PREFIXES = ("epsilon", "dp/clip_fraction/", "dp/threshold/")
+_PREFIXES = ("epsilon", "dp/clip_fraction/", "dp/within_fraction/", "dp/threshold/")
 
 
 class PrivacyReport(Callback):

@@ -24,16 +24,28 @@ def plot_epsilon(history: Series, path: Path) -> Path:
 
 
 def plot_clipping(history: Series, path: Path) -> Path:
-    """Per-group fraction of clipped examples (top) and clipping thresholds (bottom)."""
+    """Per-group fraction of examples clipped (top) and clipping thresholds (bottom).
+
+    The top panel shows the raw clip fractions when they were logged (``log_clip_fraction``,
+    not private), else the noisy fraction within the threshold released by adaptive thresholds.
+    """
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(6, 5.5), layout="constrained")
     fractions, thresholds = figure.subplots(2, 1, sharex=True)
+    raw = any(name.startswith("dp/clip_fraction/") for name in history)
+    top = "dp/clip_fraction/" if raw else "dp/within_fraction/"
     for name, series in sorted(history.items()):
-        for prefix, axes in (("dp/clip_fraction/", fractions), ("dp/threshold/", thresholds)):
+        for prefix, axes in ((top, fractions), ("dp/threshold/", thresholds)):
             if name.startswith(prefix):
-                axes.plot(*_unzip(series), label=name[len(prefix):], linewidth=1)
-    fractions.set(ylabel="fraction clipped", title="Clipping per group", ylim=(-0.02, 1.02))
+                steps, values = _unzip(series)
+                axes.plot(steps, values if raw else [1 - v for v in values], label=name[len(prefix):], linewidth=1)
+    label = "fraction clipped" if raw else "fraction clipped (noisy)"
+    fractions.set(ylabel=label, title="Clipping per group", ylim=(-0.02, 1.02))
+    if not fractions.get_lines():
+        fractions.text(0.5, 0.5, "clip fractions not logged: they are not private\n"
+                       "(PrivacyAccountant(log_clip_fraction=True) to see them)",
+                       ha="center", va="center", transform=fractions.transAxes, fontsize="small")
     thresholds.set(xlabel="step", ylabel="threshold C")
     for axes in (fractions, thresholds):
         axes.grid(alpha=0.3)

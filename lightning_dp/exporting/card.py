@@ -8,6 +8,7 @@ rate. It holds only settings that change the guarantee, never speed settings.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.metadata
 from collections.abc import Mapping
 from typing import Any
@@ -41,8 +42,11 @@ def privacy_card(trainer: pl.Trainer, *, delta: float | None = None) -> dict[str
             "call it after trainer.fit(...), or build the card from a checkpoint with "
             "privacy_card_from_checkpoint."
         )
+    privacy = private.privacy
+    if private.adaptive is not None:  # the sigma_b in force, also when it was a default
+        privacy = dataclasses.replace(privacy, count_noise_multiplier=private.count_noise_multiplier)
     return make_card(
-        privacy=private.privacy,
+        privacy=privacy,
         ledger=private.ledger,
         delta=_required_delta(delta),
         num_samples=private.num_samples,
@@ -82,13 +86,19 @@ def privacy_card_from_checkpoint(
         num_samples, sample_rate = sampler["num_samples"], sampler["sample_rate"]
     privacy = copy.copy(privacy)
     privacy.noise_multiplier = state["noise_multiplier"]
+    privacy.count_noise_multiplier = state.get("count_noise_multiplier", privacy.count_noise_multiplier)
+    adaptive = state.get("thresholds")  # adaptive thresholds: the last row of their history
+    thresholds = (
+        dict(zip(adaptive["groups"], adaptive["history"][-1].tolist())) if adaptive is not None
+        else _thresholds(model, privacy)
+    )
     return make_card(
         privacy=privacy,
         ledger=ledger,
         delta=_required_delta(delta if delta is not None else accountant_state.get("delta")),
         num_samples=num_samples,
         sample_rate=sample_rate if privacy.poisson else 1.0,
-        thresholds=_thresholds(model, privacy),
+        thresholds=thresholds,
     )
 
 
@@ -118,12 +128,25 @@ def make_card(
         "clipping": privacy.clipping,
         "clip_fn": privacy.clip_fn,
         "gamma": privacy.gamma if privacy.clip_fn == "automatic" else None,
+        "thresholds_mode": privacy.thresholds,
         "thresholds": dict(thresholds),
         "sensitivity": sum(c**2 for c in thresholds.values()) ** 0.5,
+        **(_adaptive_settings(privacy) if privacy.thresholds == "adaptive" else {}),
         "secure_mode": privacy.secure_mode,
         "releases": [list(entry) for entry in ledger.history],
         "lightning_dp_version": _version("lightning-dp"),
         "torch_version": torch.__version__,
+    }
+
+
+def _adaptive_settings(privacy: PrivacySettings) -> dict[str, Any]:
+    """What adaptive thresholds add to the guarantee: the noisy counts released each step
+    (charged jointly with the gradient, so ``releases`` holds sigma_eff) and how they move C."""
+    return {
+        "count_noise_multiplier": privacy.count_noise_multiplier,
+        "target_quantile": privacy.target_quantile,
+        "threshold_lr": privacy.threshold_lr,
+        "initial_threshold": privacy.initial_threshold if privacy.initial_threshold is not None else privacy.max_grad_norm,
     }
 
 

@@ -98,3 +98,25 @@ def test_aoti_package_computes_what_the_trained_model_computes(fitted, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))
     assert json.loads(card_path(package).read_text()) == lightning_dp.privacy_card(t)
+
+
+def test_card_of_an_adaptive_run_records_the_counts_and_final_thresholds(tmp_path):
+    torch.manual_seed(0)
+    model = Classifier()
+    accountant = lightning_dp.PrivacyAccountant(target_epsilon=2.0, accountant="rdp")
+    strategy = lightning_dp.DPStrategy(thresholds="adaptive", seed=3)
+    t = trainer(strategy, callbacks=[accountant], max_epochs=1)
+    t.fit(model, DataLoader(toy_dataset(96), batch_size=12))
+    ckpt = tmp_path / "run.ckpt"
+    t.save_checkpoint(ckpt)
+    live = lightning_dp.privacy_card(t)
+    private = t.strategy.private
+    assert live["thresholds_mode"] == "adaptive"
+    assert live["count_noise_multiplier"] == private.count_noise_multiplier > 0
+    assert live["thresholds"] == lightning_dp.group_thresholds(model) != {"net.0": 1.0, "net.2": 1.0}
+    assert live["epsilon"] == pytest.approx(accountant.epsilon, rel=1e-12)
+    saved = privacy_card_from_checkpoint(
+        torch.load(ckpt, weights_only=False), Classifier(), strategy.private.privacy
+    )
+    assert saved["thresholds"] == pytest.approx(live["thresholds"])
+    assert saved["count_noise_multiplier"] == live["count_noise_multiplier"]
