@@ -46,8 +46,10 @@ def clipper_by_id(clipper_id: int) -> Clipper:
 def group_scale(norm_sq: Tensor, clipper: int, group: str, site: int) -> Tensor:
     raise RuntimeError(
         f"lightning-dp: clipping group {group!r} reached run time without the lightning_dp graph "
-        "pass that joins its members' norms (it was compiled without lightning_dp.compile, or by "
-        "a backend other than inductor). Compile private models with lightning_dp.compile(model)."
+        "pass that joins its members' norms: it was compiled without lightning_dp.compile, by a "
+        "backend other than inductor, or dynamo fell back to eager for one of its layers (a "
+        "graph break; compile with fullgraph=True to see where). Compile private models with "
+        "lightning_dp.compile(model)."
     )
 
 

@@ -2,7 +2,9 @@
 
 Example i's gradient has one row per distinct token id it contains, the sum of the output
 gradients at that id's positions: ``||G_i||^2 = sum_{t,t'} [id_t = id_t'] <g_t, g_t'>``. Summing
-rows per (example, id) pair costs B*T*d time and memory, never B*V*d.
+rows per (example, id) pair costs B*T*d time and memory, never B*V*d. Compiled graphs need
+shapes that do not depend on the data, so there the pairwise form above is used instead
+(B*T^2*d, no ``unique`` and no boolean indexing).
 """
 
 from __future__ import annotations
@@ -15,13 +17,25 @@ from lightning_dp.rules.base import GradUse, Rule, scale_rows, upcast
 from lightning_dp.rules.registry import rules
 
 
+def embedding_use(ids: Tensor, g: Tensor, weight: Tensor, padding_idx: int | None) -> GradUse:
+    """The rows-per-token form eagerly; the fixed-shape pairwise form inside compiled graphs."""
+    if torch.compiler.is_compiling():
+        return PairwiseEmbeddingUse(ids, g, weight, padding_idx)
+    return EmbeddingUse(ids, g, weight, padding_idx)
+
+
+def _tokens(ids: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """ids [B, T] and output gradients [B, T, d] (T = 1 for one id per example)."""
+    ids = ids.flatten(1) if ids.dim() > 1 else ids.unsqueeze(1)
+    return ids, g.reshape(*ids.shape, g.shape[-1])
+
+
 class EmbeddingUse(GradUse):
     def __init__(self, ids: Tensor, g: Tensor, weight: Tensor, padding_idx: int | None) -> None:
         batch = ids.shape[0]
         super().__init__({"weight": weight}, batch)
         self.num_embeddings = weight.shape[0]
-        ids = ids.flatten(1) if ids.dim() > 1 else ids.unsqueeze(1)
-        g = g.reshape(*ids.shape, g.shape[-1])
+        ids, g = _tokens(ids, g)
         keep = torch.ones_like(ids, dtype=torch.bool) if padding_idx is None else ids != padding_idx
         self.example = torch.arange(batch, device=ids.device).unsqueeze(1).expand_as(ids)[keep]
         self.ids = ids[keep]
@@ -45,6 +59,32 @@ class EmbeddingUse(GradUse):
         return grad.index_add_(0, self.ids, rows)
 
 
+class PairwiseEmbeddingUse(GradUse):
+    """Fixed shapes: padding tokens get zero gradient rows instead of being dropped."""
+
+    def __init__(self, ids: Tensor, g: Tensor, weight: Tensor, padding_idx: int | None) -> None:
+        super().__init__({"weight": weight}, ids.shape[0])
+        self.num_embeddings = weight.shape[0]
+        self.ids, g = _tokens(ids, g)
+        if padding_idx is not None:
+            g = g * (self.ids != padding_idx).unsqueeze(-1).to(g.dtype)
+        self.g = g  # [B, T, d]
+
+    def norm_sq(self, name: str) -> Tensor:
+        g = upcast(self.g)
+        same = (self.ids.unsqueeze(2) == self.ids.unsqueeze(1)).to(g.dtype)  # [B, T, T]
+        return (same * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+
+    def per_example(self, name: str) -> Tensor:
+        grads = self.g.new_zeros((self.batch_size, self.num_embeddings, self.g.shape[2]))
+        return grads.scatter_add_(1, self.ids.unsqueeze(-1).expand_as(self.g), self.g)
+
+    def clipped_grad(self, name: str, scale: Tensor) -> Tensor:
+        rows = scale_rows(scale, self.g).flatten(0, 1)
+        grad = rows.new_zeros((self.num_embeddings, rows.shape[1]))
+        return grad.index_add_(0, self.ids.flatten(), rows)
+
+
 class _EmbeddingFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, site, module: nn.Embedding, ids: Tensor, weight: Tensor):
@@ -57,7 +97,7 @@ class _EmbeddingFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         (ids,) = ctx.saved_tensors
-        grads = ctx.site.record(EmbeddingUse(ids, g, ctx.weight, ctx.padding_idx)) or {}
+        grads = ctx.site.record(embedding_use(ids, g, ctx.weight, ctx.padding_idx)) or {}
         return None, None, None, grads.get("weight")
 
 

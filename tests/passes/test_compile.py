@@ -155,3 +155,19 @@ def test_refuses_what_the_compiled_path_cannot_clip_exactly():
         ldp.compile(ldp.make_private(Tied()))
     with pytest.raises(ValueError, match="backend='inductor'"):
         ldp.compile(ldp.make_private(nn.Linear(2, 2)), backend="eager")
+
+
+def test_embedding_compiles_without_fullgraph_and_matches_the_oracle():
+    """Without fullgraph dynamo would fall back to eager on data-dependent shapes in a backward,
+    which compiled sites refuse: the compiled embedding form has fixed shapes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(9, 4, padding_idx=0), nn.Linear(4, 2)).double()
+    ids = torch.randint(0, 4, (5, 6))
+    grads = per_example_grads(model, [ids[i : i + 1] for i in range(len(ids))], loss_fn)
+    groups = {"0": ["0.weight"], "1": ["1.weight", "1.bias"]}
+    thresholds = {g: median_threshold(grads, members) for g, members in groups.items()}
+    expected, _ = clipped_sum(grads, groups, thresholds)
+    private = ldp.make_private(copy.deepcopy(model), max_grad_norm=thresholds)
+    loss_fn(ldp.compile(private), ids).backward()
+    for name, param in private.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-9, atol=1e-11)
