@@ -104,6 +104,23 @@ def reset_peak(device: Any) -> None:
         pass  # peak then covers the whole process: an overestimate, never an underestimate
 
 
+def release_free_memory(device: Any) -> None:
+    """Hand freed memory back (CUDA cache; glibc heap via ``malloc_trim``) so RSS falls again."""
+    import ctypes
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: freed memory may be reused unseen, so later probes read low
+
+
 def memory_mib(device: Any, peak: bool) -> float:
     import torch
 
@@ -119,8 +136,9 @@ def memory_mib(device: Any, peak: bool) -> float:
 def largest_batch(fits: Callable[[int], bool], start: int, limit: int) -> int | None:
     """Largest batch size in [1, limit] for which ``fits`` holds, assuming it is monotone.
 
-    Doubles from ``start`` until a size does not fit (or ``limit``), then bisects. None if not
-    even batch 1 fits.
+    Doubles from ``start`` until a size does not fit (or ``limit``), then bisects until the
+    bracket is within 1/8 of the answer (each probe is two training steps; exactness to one
+    example is not worth the time). None if not even batch 1 fits.
     """
     low, high = 0, None  # low fits (0: vacuously), high does not
     size = max(1, min(start, limit))
@@ -132,7 +150,7 @@ def largest_batch(fits: Callable[[int], bool], start: int, limit: int) -> int | 
             size = min(2 * size, limit)
         else:
             high = size
-    while high - low > 1:
+    while high - low > max(1, low // 8):
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
     return low or None

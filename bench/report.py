@@ -19,7 +19,7 @@ def _ratio(value: float | None, ref: float | None) -> str:
 def compare_table(title: str, rounds: dict[str, list[dict]], unit: str, budget_mib: float | None) -> str:
     """One model's table: time, memory and largest batch of every case, with ratios."""
     best = {case: best_round(rs) for case, rs in rounds.items()}
-    budget = f" ≤ {budget_mib:.0f} MiB" if budget_mib else ""
+    budget = f" (training memory ≤ {budget_mib:.0f} MiB)" if budget_mib else ""
     lines = [
         f"### {title}", "",
         f"| case | ms/step | vs non-private | peak {unit} | peak - base {unit} "

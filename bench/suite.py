@@ -5,8 +5,9 @@
 
 ``compare`` runs every case of bench/cases.py on each model (bench/workloads.py) in one fresh
 process per case and round (bench/harness.py), and reports the median step time after warm-up,
-peak memory, the largest batch whose training step fits ``--memory-budget-mib`` (doubling, then
-bisection, within the case's process; 0 turns it off) and ratios to non-private training
+peak memory, the largest batch whose training fits ``--memory-budget-mib`` (model, optimizer
+state, batch, activations, gradients; doubling then bisection within the case's process, for
+``--search-cases``; 0 turns it off) and ratios to non-private training
 (compiled cases against compiled non-private). ``scaling`` times per-layer clipping of the GPT
 with each ``norm_method`` (ghost norm, per-example instantiation, auto) over a grid of sequence
 lengths and batch sizes, next to non-private training, so the ghost/instantiation crossover
@@ -17,13 +18,12 @@ and print the Markdown.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
 
 from cases import CASES, build_step, unavailable
-from harness import environment, largest_batch, reset_peak, memory_mib, spawn, time_steps
+from harness import environment, largest_batch, memory_mib, release_free_memory, reset_peak, spawn, time_steps
 from report import compare_table, plot_compare, plot_scaling, scaling_table
 from workloads import MODELS, PRESETS, build, describe
 
@@ -70,6 +70,8 @@ def parse_args() -> argparse.Namespace:
     cmp.add_argument("--memory-budget-mib", type=float, default=None,
                      help="budget of the largest-batch search; default the preset's, 0 = off")
     cmp.add_argument("--batch-limit", type=int, default=4096, help="largest batch the search tries")
+    cmp.add_argument("--search-cases", nargs="+", choices=CASES, default=list(CASES),
+                     help="cases whose largest batch is searched (compiled ones recompile per probe)")
     scl = sub.add_parser("scaling", parents=[common], help="ghost vs instantiation, per-layer")
     scl.add_argument("--seqs", nargs="+", type=int, default=None)
     scl.add_argument("--batches", nargs="+", type=int, default=None)
@@ -107,8 +109,9 @@ def compare(args: argparse.Namespace) -> None:
     for model in args.models:
         shape = preset[model]
         job = dict(base_job(args), model=model, shape=shape, batch=shape["batch"],
-                   budget_mib=budget, batch_limit=args.batch_limit)
-        results[model] = run_rounds({c: dict(job, case=c) for c in cases}, args.rounds)
+                   batch_limit=args.batch_limit)
+        jobs = {c: dict(job, case=c, budget_mib=budget if c in args.search_cases else 0) for c in cases}
+        results[model] = run_rounds(jobs, args.rounds)
         title = (f"{describe(model, shape)}, batch {shape['batch']}, {args.device}, {args.optimizer}, "
                  f"C={args.max_grad_norm}; median of {args.steps} steps after {args.warmup} warm-up, "
                  f"best of {args.rounds} round(s)")
@@ -173,13 +176,17 @@ def time_case(job: dict, device) -> dict:
 
 
 def fits(job: dict, device, batch: int) -> bool:
-    """Whether two training steps at ``batch`` stay within the memory budget (whole process)."""
+    """Whether building the model and two training steps at ``batch`` stay within the budget.
+
+    Counted from the process's memory before the model is built: model, optimizer state, batch,
+    activations and gradients, not the interpreter and libraries (whose size differs between
+    engines and says nothing about batch capacity).
+    """
     import torch
 
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_free_memory(device)
     reset_peak(device)
+    floor = memory_mib(device, peak=False)
     try:
         model, inputs, targets = build(job["model"], job["shape"], batch, device)
         step, _ = build_step(job, model, inputs, targets)
@@ -187,7 +194,7 @@ def fits(job: dict, device, batch: int) -> bool:
         step()
     except torch.OutOfMemoryError:
         return False
-    return memory_mib(device, peak=True) <= job["budget_mib"]
+    return memory_mib(device, peak=True) - floor <= job["budget_mib"]
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ from typing import Any
 
 MODELS = ("cnn", "gpt", "vit")
 
-# CPU sizes finish the whole suite in ~10 minutes on 2 cores; GPU sizes are the reference
-# shapes (GPT-2 small, ViT-B/16, a CIFAR-sized CNN). H100 and H200 share shapes and differ in
-# the default memory budget of the largest-batch search (80 GiB vs 141 GiB cards, minus headroom).
+# CPU sizes keep the whole suite to minutes on 2 cores; GPU sizes are the reference shapes
+# (GPT-2 small, ViT-B/16, a CIFAR-sized CNN). H100 and H200 share shapes and differ in the
+# default memory budget of the largest-batch search (80 GiB vs 141 GiB cards, minus headroom).
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
-        "budget_mib": 3000,
+        "budget_mib": 256,
         "cnn": dict(image=32, width=32, classes=10, batch=32),
         "gpt": dict(vocab=2000, d=128, layers=2, heads=4, seq=128, batch=8),
         "vit": dict(image=32, patch=4, d=128, layers=2, heads=4, classes=10, batch=16),
