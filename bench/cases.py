@@ -43,7 +43,6 @@ def unavailable(cases: list[str]) -> dict[str, str]:
 def build_step(job: dict, model: Any, inputs: Any, targets: Any) -> tuple[Callable[[], None], Any]:
     """The closure for one training step of ``job['case']`` and the (possibly wrapped) model."""
     import torch
-
     from models import per_example_loss
 
     case, clip = job["case"], job["max_grad_norm"]
@@ -73,10 +72,9 @@ def build_step(job: dict, model: Any, inputs: Any, targets: Any) -> tuple[Callab
 
 def _opacus_step(job: dict, model: Any, optimizer: Any, inputs: Any, targets: Any):
     import torch
+    from models import per_example_loss
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
-
-    from models import per_example_loss
 
     loader = DataLoader(TensorDataset(inputs, targets), batch_size=inputs.shape[0])  # unused
     common = dict(optimizer=optimizer, data_loader=loader, noise_multiplier=0.0,

@@ -28,7 +28,7 @@ def spawn(script: str, job: dict, timeout_s: float = 3600) -> dict:
     """Run one case of ``script`` in a fresh interpreter; its JSON result or the error it died with."""
     cmd = [sys.executable, os.path.abspath(script), "--child", json.dumps(job)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:.0f} s"}
     lines = proc.stdout.strip().splitlines()
@@ -44,8 +44,9 @@ def environment(device: str, threads: int) -> str:
 
     cpu = "unknown CPU"
     if os.path.exists("/proc/cpuinfo"):
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                    if line.startswith("model name")), cpu)
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
     parts = [f"torch {torch.__version__}", f"CPU: {cpu} ({os.cpu_count()} cores)"]
     if device == "cpu":
         parts.append(f"{threads} torch threads")

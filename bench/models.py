@@ -11,6 +11,7 @@ the CNN normalises with GroupNorm (BatchNorm mixes examples and is refused).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -114,7 +115,7 @@ class CNN(nn.Module):
         super().__init__()
         widths = (3, cfg.width, 2 * cfg.width, 4 * cfg.width)
         stages = []
-        for c_in, c_out in zip(widths, widths[1:]):
+        for c_in, c_out in itertools.pairwise(widths):
             stages += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.ReLU(), nn.MaxPool2d(2)]
         self.features = nn.Sequential(*stages)
         self.head = nn.Linear(widths[-1] * (cfg.image // 8) ** 2, cfg.classes)

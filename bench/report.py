@@ -22,8 +22,8 @@ def compare_table(title: str, rounds: dict[str, list[dict]], unit: str, budget_m
     budget = f" (training memory ≤ {budget_mib:.0f} MiB)" if budget_mib else ""
     lines = [
         f"### {title}", "",
-        f"| case | ms/step | vs non-private | peak {unit} | peak - base {unit} "
-        f"| largest batch{budget} | vs non-private | every round: median ms (CPU stall) |",
+        (f"| case | ms/step | vs non-private | peak {unit} | peak - base {unit} "
+         f"| largest batch{budget} | vs non-private | every round: median ms (CPU stall) |"),
         "|---|---|---|---|---|---|---|---|",
     ]
     for case, r in best.items():

@@ -118,7 +118,6 @@ def print_table(job: dict, rounds: dict[str, list[dict]]) -> None:
 
 def run_case(job: dict) -> dict:
     import torch
-
     from workloads import build
 
     device = torch.device(job["device"])

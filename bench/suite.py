@@ -23,7 +23,15 @@ import os
 import sys
 
 from cases import CASES, build_step, unavailable
-from harness import environment, largest_batch, memory_mib, release_free_memory, reset_peak, spawn, time_steps
+from harness import (
+    environment,
+    largest_batch,
+    memory_mib,
+    release_free_memory,
+    reset_peak,
+    spawn,
+    time_steps,
+)
 from report import compare_table, plot_compare, plot_scaling, scaling_table
 from workloads import MODELS, PRESETS, build, describe
 

@@ -40,7 +40,6 @@ def describe(model: str, shape: dict) -> str:
 def build(model: str, shape: dict, batch: int, device: Any) -> tuple[Any, Any, Any]:
     """The model (seeded) and a synthetic batch of ``batch`` examples, on ``device``."""
     import torch
-
     from models import CNN, GPT, CNNConfig, GPTConfig, ViT, ViTConfig
 
     torch.manual_seed(0)

@@ -17,11 +17,11 @@ while writing this test, so both assertions hold with a wide margin; the seeds a
 from __future__ import annotations
 
 import pytest
-
-import lightning_dp.strategies.private_training as private_training
 from canary import AuditSetup, release_canary_coordinates
 from epsilon_bounds import audit_epsilon
+
 from lightning_dp.accounting import epsilon
+from lightning_dp.strategies import private_training
 
 DELTA = 1e-5
 TRIALS = 300_000

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import stats
-
 from canary import AuditSetup, release_canary_coordinates, release_one_step_at_a_time
+from scipy import stats
 
 ALPHA = 1e-3  # seeded: a fixed outcome; a correct implementation passes comfortably
 SETUP = AuditSetup(noise_multiplier=1.0, sample_rate=0.5)

@@ -3,7 +3,6 @@
 import math
 
 import numpy as np
-
 from epsilon_bounds import audit_epsilon, clopper_pearson_upper, epsilon_lower_bound
 
 
