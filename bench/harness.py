@@ -61,24 +61,31 @@ def environment(device: str, threads: int) -> str:
 
 def time_steps(step: Callable[[], None], device: Any, warmup: int, steps: int,
                after_first: Callable[[], None] = lambda: None) -> dict:
-    """Median ms of ``steps`` calls after ``warmup``, CPU stall %, base and peak memory (MiB)."""
+    """Median wall ms and process CPU ms of ``steps`` calls after ``warmup``, CPU stall %, base
+    and peak memory (MiB).
+
+    CPU ms (all threads of this process) barely moves when other processes compete for the
+    cores, so on a shared machine it compares cases more fairly than wall time does.
+    """
     import torch
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     reset_peak(device)
     base = memory_mib(device, peak=False)
-    times = []
+    times, cpu_times = [], []
     stall_start, wall_start = cpu_stall_s(), time.perf_counter()
     for i in range(warmup + steps):
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         sync()
         times.append((time.perf_counter() - start) * 1e3)
+        cpu_times.append((time.process_time() - cpu_start) * 1e3)
         if i == 0:
             after_first()
     stalled = cpu_stall_s() - stall_start
-    return dict(ms=statistics.median(times[warmup:]), base=base, peak=memory_mib(device, peak=True),
+    return dict(ms=statistics.median(times[warmup:]), cpu_ms=statistics.median(cpu_times[warmup:]),
+                base=base, peak=memory_mib(device, peak=True),
                 stall=100 * stalled / (time.perf_counter() - wall_start))
 
 

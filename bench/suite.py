@@ -5,7 +5,8 @@
 
 ``compare`` runs every case of bench/cases.py on each model (bench/workloads.py) in one fresh
 process per case and round (bench/harness.py), and reports the median step time after warm-up,
-peak memory, the largest batch whose training fits ``--memory-budget-mib`` (model, optimizer
+process CPU time per step (robust when other processes share the cores), peak memory, the
+largest batch whose training fits ``--memory-budget-mib`` (model, optimizer
 state, batch, activations, gradients; doubling then bisection within the case's process, for
 ``--search-cases``; 0 turns it off) and ratios to non-private training
 (compiled cases against compiled non-private). ``scaling`` times per-layer clipping of the GPT
@@ -126,7 +127,7 @@ def compare(args: argparse.Namespace) -> None:
         tables.append(compare_table(title, results[model], unit, budget or None))
         print(tables[-1] + "\n", flush=True)
     write(args.out, "suite", tables, results)
-    plot_compare(os.path.join(args.out, "suite.png"), results)
+    plot_compare(os.path.join(args.out, "suite.png"), results, time_key(args.device))
 
 
 def scaling(args: argparse.Namespace) -> None:
@@ -143,14 +144,20 @@ def scaling(args: argparse.Namespace) -> None:
             runs = run_rounds(jobs, args.rounds)
             results[(seq, batch)] = {m: min(rs, key=lambda r: r.get("ms", float("inf"))) for m, rs in runs.items()}
             print(f"seq {seq} batch {batch}: " + ", ".join(
-                f"{m} {r.get('ms', float('nan')):.1f} ms" for m, r in results[(seq, batch)].items()), flush=True)
+                f"{m} {r.get('cpu_ms', float('nan')):.1f} CPU ms" for m, r in results[(seq, batch)].items()),
+                flush=True)
     unit = "MiB RSS" if args.device == "cpu" else "MiB alloc"
     title = (f"{describe('gpt', {k: v for k, v in shape.items() if k != 'seq'})}, per-layer clipping, "
              f"{args.device}; median of {args.steps} steps after {args.warmup} warm-up, best of {args.rounds} round(s)")
     table = scaling_table(title, results, methods, unit)
     print("\n" + table)
     write(args.out, "scaling", [table], {f"{s},{b}": r for (s, b), r in results.items()})
-    plot_scaling(os.path.join(args.out, "scaling.png"), results, methods)
+    plot_scaling(os.path.join(args.out, "scaling.png"), results, methods, time_key(args.device))
+
+
+def time_key(device: str) -> str:
+    """What the plots show: CPU time on CPU (robust to other processes), wall time on GPUs."""
+    return "cpu_ms" if device == "cpu" else "ms"
 
 
 def write(out: str, name: str, tables: list[str], results: dict) -> None:
