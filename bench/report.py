@@ -75,7 +75,7 @@ def plot_compare(path: str, results: dict[str, dict[str, list[dict]]], time_key:
         axes[0][col].bar(cases, [ok[c][time_key] / ref if ref else 0 for c in cases])
         axes[0][col].axhline(1.0, color="grey", lw=0.8)
         axes[0][col].set_title(model)
-        axes[0][col].set_ylabel(f"{time_key} per step / non-private eager")
+        axes[0][col].set_ylabel(f"{'CPU' if time_key == 'cpu_ms' else 'wall'} time / non-private")
         axes[1][col].bar(cases, [ok[c]["peak"] - ok[c]["base"] for c in cases], color="tab:orange")
         axes[1][col].set_ylabel("peak - base memory (MiB)")
         for ax in axes[:, col]:
@@ -97,7 +97,8 @@ def plot_scaling(path: str, results: dict[tuple[int, int], dict[str, dict]], met
             ok = [r for r in rows if "error" not in r]
             axes[0].plot(xs, [r[time_key] for r in ok], marker="o", label=f"{method}, batch {batch}")
             axes[1].plot(xs, [r["peak"] - r["base"] for r in ok], marker="o", label=f"{method}, batch {batch}")
-    for ax, label in zip(axes, (f"{time_key} / step", "peak - base memory (MiB)")):
+    time_label = "CPU ms / step" if time_key == "cpu_ms" else "ms / step"
+    for ax, label in zip(axes, (time_label, "peak - base memory (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length")
