@@ -1,0 +1,62 @@
+"""Model + synthetic batch for each benchmark model, and the size presets (CPU, H100, H200).
+
+A workload is ``(model, inputs, targets)``; the step's loss is ``models.per_example_loss``
+(cross-entropy per example; a sequence's token losses summed). Shapes are plain dicts so that
+they travel to child processes as JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MODELS = ("cnn", "gpt", "vit")
+
+# CPU sizes keep the whole suite to minutes on 2 cores; GPU sizes are the reference shapes
+# (GPT-2 small, ViT-B/16, a CIFAR-sized CNN). H100 and H200 share shapes and differ in the
+# default memory budget of the largest-batch search (80 GiB vs 141 GiB cards, minus headroom).
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "budget_mib": 256,
+        "cnn": dict(image=32, width=32, classes=10, batch=32),
+        "gpt": dict(vocab=2000, d=128, layers=2, heads=4, seq=128, batch=8),
+        "vit": dict(image=32, patch=4, d=128, layers=2, heads=4, classes=10, batch=16),
+    },
+    "gpu-h100": {
+        "budget_mib": 76_000,
+        "cnn": dict(image=32, width=64, classes=10, batch=256),
+        "gpt": dict(vocab=50257, d=768, layers=12, heads=12, seq=256, batch=16),
+        "vit": dict(image=224, patch=16, d=768, layers=12, heads=12, classes=1000, batch=64),
+    },
+}
+PRESETS["gpu-h200"] = dict(PRESETS["gpu-h100"], budget_mib=135_000)
+
+
+def describe(model: str, shape: dict) -> str:
+    """A short label of a model and its shape, for table headings."""
+    dims = ", ".join(f"{k}={v}" for k, v in shape.items() if k != "batch")
+    return f"{model} ({dims})"
+
+
+def build(model: str, shape: dict, batch: int, device: Any) -> tuple[Any, Any, Any]:
+    """The model (seeded) and a synthetic batch of ``batch`` examples, on ``device``."""
+    import torch
+    from models import CNN, GPT, CNNConfig, GPTConfig, ViT, ViTConfig
+
+    torch.manual_seed(0)
+    data = torch.Generator().manual_seed(1)
+    if model == "gpt":
+        cfg = GPTConfig(shape["vocab"], shape["d"], shape["layers"], shape["heads"], shape["seq"])
+        tokens = torch.randint(cfg.vocab, (batch, cfg.seq + 1), generator=data)
+        inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        net = GPT(cfg)
+    else:
+        if model == "vit":
+            net = ViT(ViTConfig(shape["image"], shape["patch"], shape["d"], shape["layers"],
+                                shape["heads"], shape["classes"]))
+        elif model == "cnn":
+            net = CNN(CNNConfig(shape["image"], shape["width"], shape["classes"]))
+        else:
+            raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
+        inputs = torch.randn(batch, 3, shape["image"], shape["image"], generator=data)
+        targets = torch.randint(shape["classes"], (batch,), generator=data)
+    return net.to(device), inputs.to(device), targets.to(device)
