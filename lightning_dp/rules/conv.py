@@ -63,7 +63,7 @@ class ConvUse(GradUse):
         self.g_grouped = g.flatten(2).unflatten(1, (groups, g.shape[1] // groups))  # [B, G, p, L]
         p, positions = self.g_grouped.shape[2], self.g_grouped.shape[3]
         d = weight.shape[1] * math.prod(spec.kernel_size)
-        self.method = choose_norm_method(batch * groups, positions, p, d, norm_method)
+        self.method = choose_norm_method(batch * groups, positions, p, d, norm_method, g.device.type)
         self._instantiated: Tensor | None = None
 
     def _patches(self) -> Tensor:

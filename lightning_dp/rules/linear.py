@@ -32,15 +32,29 @@ NormMethod = Literal["auto", "ghost", "instantiate"]
 
 #: Instantiate per-example weight gradients only while they fit in this many elements.
 INSTANTIATE_MAX_NUMEL = 2**26
+#: Ghost norms cost T^2 (p + d) multiply-adds per example beyond the weight gradient, which
+#: instantiation gets for free (its clipped sum needs no second matmul); instantiation instead
+#: writes and reads p*d elements per example about three times. These are the multiply-adds one
+#: such element is worth: measured on CPU (bench/RESULTS.md, "norm method"), and estimated for
+#: accelerators from an H100's ratio of bandwidth to matmul throughput (not yet measured).
+GHOST_WORK_PER_ELEMENT = {"cpu": 15}
+GHOST_WORK_PER_ELEMENT_ACCELERATOR = 300
 
 
-def choose_norm_method(batch: int, tokens: int, p: int, d: int, method: NormMethod) -> str:
-    """Ghost norm when it is cheaper than instantiation (2*T^2 < p*d), as DESIGN §3 derives."""
+def choose_norm_method(
+    batch: int, tokens: int, p: int, d: int, method: NormMethod, device: str = "cpu"
+) -> str:
+    """Ghost norm when its extra work, T^2 (p + d) per example, costs less than moving the
+    instantiated p*d gradients (DESIGN §3's comparison, with instantiation's free weight
+    gradient counted); instantiation only while it fits in memory."""
     if method != "auto":
         return method
     if tokens == 1:
         return "ghost"  # ||g_i||^2 * ||x_i||^2: trivially cheap
-    if 2 * tokens * tokens < p * d or batch * p * d > INSTANTIATE_MAX_NUMEL:
+    if batch * p * d > INSTANTIATE_MAX_NUMEL:
+        return "ghost"
+    worth = GHOST_WORK_PER_ELEMENT.get(device, GHOST_WORK_PER_ELEMENT_ACCELERATOR)
+    if tokens * tokens * (p + d) < worth * p * d:
         return "ghost"
     return "instantiate"
 
@@ -64,7 +78,7 @@ class LinearUse(GradUse):
         self.transposed = transposed  # GPT-2 Conv1D stores W as [d, p]
         tokens, p = self.g.shape[1], self.g.shape[2]
         d = self.x.shape[2] if self.x is not None else 0
-        self.method = choose_norm_method(batch, tokens, p, d, norm_method)
+        self.method = choose_norm_method(batch, tokens, p, d, norm_method, self.g.device.type)
         self._instantiated: Tensor | None = None
         self._bias_rows: Tensor | None = None
 
