@@ -114,17 +114,18 @@ def compile_in_place(module: nn.Module, **compile_kwargs: Any) -> None:
     module.compile(**_with_dp_pass(module, compile_kwargs))
 
 
-
 def compile_submodules(model: nn.Module, modules: Sequence[nn.Module], **compile_kwargs: Any) -> None:
     """Compile the forwards of ``modules`` (e.g. FSDP blocks) in place.
 
     Only each module's ``forward`` is compiled, so its module hooks (FSDP2's all-gather before
     and reduce-scatter after) stay outside the graph, as per-block compilation under FSDP
-    expects. Every clipping group must lie inside one compiled module.
+    expects. Every clipping group must lie inside one of ``modules`` (the graph pass refuses a
+    group whose modules it does not all find in one graph).
     """
     kwargs = _with_dp_pass(model, compile_kwargs, within=modules)
     for module in modules:
         module.forward = torch.compile(module.forward, **kwargs)
+
 
 def _shared_parameters(state: Any) -> list[str]:
     """Canonical names of parameters reached through more than one private module."""

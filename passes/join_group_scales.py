@@ -16,7 +16,7 @@ from collections import defaultdict
 import torch
 from torch import fx
 
-import lightning_dp.engine.deferred_ops  # noqa: F401  (registers the ops)
+from lightning_dp.engine.deferred_ops import clipper_by_id  # also registers the ops
 
 GROUP_SCALE = torch.ops.lightning_dp.group_scale.default
 CLIP_SCALE = torch.ops.lightning_dp.clip_scale.default
@@ -37,6 +37,7 @@ def join_group_scales(graph: fx.Graph) -> int:
     position = {node: i for i, node in enumerate(graph.nodes)}
     for (clipper, group), nodes in members.items():
         _check_one_call_per_site(group, nodes)
+        _check_whole_group(clipper, group, nodes)
         norms = [node.args[0] for node in nodes]
         last = max(norms, key=position.__getitem__)
         with graph.inserting_after(last):
@@ -59,6 +60,20 @@ def _check_one_call_per_site(group: str, nodes: list[fx.Node]) -> None:
             "forward in a compiled model; its per-example gradient is the sum over its calls, "
             "which the compiled path does not instantiate. Train this model without "
             "lightning_dp.compile (the eager engine handles repeated calls)."
+        )
+
+
+def _check_whole_group(clipper: int, group: str, nodes: list[fx.Node]) -> None:
+    """Every module of the group must be in this graph: a group split across graphs (a graph
+    break, or modules compiled separately) would be clipped piecewise, breaking its bound."""
+    expected = clipper_by_id(clipper).group_sites[group]
+    present = {node.args[3] for node in nodes}
+    if present != expected:
+        raise RuntimeError(
+            f"lightning-dp: clipping group {group!r} has {len(present)} of its {len(expected)} "
+            "modules in this compiled graph; the rest run in another graph (a graph break, or "
+            "modules compiled separately), where the group's norm cannot be completed. Compile "
+            "with fullgraph=True to find the break, or use groups inside one compiled module."
         )
 
 

@@ -112,6 +112,8 @@ class Clipper:
         #: still open at the end of the backward would be released unclipped or lost, so raise.
         self.require_prompt_finish = False
         self.stats: dict[str, GroupStats] = {}
+        #: group -> indices of the sites (modules) whose parameters it holds
+        self.group_sites: dict[str, set[int]] = defaultdict(set)
         #: Adaptive thresholds: keep each group's centred count sum_i (1[||g_ik|| <= C_k] - 1/2)
         #: summed over every backward until ``take_counts`` (one logical batch, any number of
         #: micro-batches). Non-finite norms count as outside C_k.

@@ -129,6 +129,8 @@ def make_private(
     for index, (path, module, rule, keys) in enumerate(planned):
         site = Site(path=path, module=module, rule=rule, clipper=clipper, param_keys=keys, index=index)
         site.groups = sorted({clipper.group_of[k] for k in keys.values()})
+        for group in site.groups:
+            clipper.group_sites[group].add(index)
         _route_forward(site)
         state.sites.append(site)
     state.guard()

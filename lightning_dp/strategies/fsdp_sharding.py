@@ -35,13 +35,14 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def nested_units(model: nn.Module) -> list[nn.Module]:
-    """FSDP units inside another unit (the blocks), outermost first; roots excluded."""
+    """The outermost FSDP units inside a root unit (the blocks): disjoint subtrees."""
     units: list[nn.Module] = []
 
     def visit(module: nn.Module, inside_unit: bool) -> None:
         is_unit = isinstance(module, FSDPModule)
         if is_unit and inside_unit:
             units.append(module)
+            return
         for child in module.children():
             visit(child, inside_unit or is_unit)
 

@@ -171,3 +171,32 @@ def test_embedding_compiles_without_fullgraph_and_matches_the_oracle():
     loss_fn(ldp.compile(private), ids).backward()
     for name, param in private.named_parameters():
         torch.testing.assert_close(param.grad, expected[name], rtol=1e-9, atol=1e-11)
+
+
+class Broken(nn.Module):
+    """A graph break between two layers: each compiled graph holds one of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        torch._dynamo.graph_break()
+        return self.b(h)
+
+
+def test_a_group_split_across_graphs_is_refused_and_per_layer_groups_still_work():
+    x = torch.randn(5, 4)
+    flat = ldp.make_private(Broken(), clipping="flat")
+    with pytest.raises(RuntimeError, match=r"group 'flat' has 1 of its 2 modules"):
+        ldp.compile(flat)(x).pow(2).sum().backward()
+
+    torch.manual_seed(0)
+    model = Broken()
+    eager = ldp.make_private(copy.deepcopy(model), clipping="layer", max_grad_norm=0.1)
+    eager(x).pow(2).sum().backward()
+    private = ldp.make_private(model, clipping="layer", max_grad_norm=0.1)
+    ldp.compile(private)(x).pow(2).sum().backward()
+    for got, want in zip(private.parameters(), eager.parameters()):
+        torch.testing.assert_close(got.grad, want.grad)
