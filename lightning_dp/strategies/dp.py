@@ -64,7 +64,8 @@ class DPStrategy(PrivateStepMixin, SingleDeviceStrategy):
         compile: ``torch.compile`` the LightningModule's forward with the DP graph pass
             (``lightning_dp.compile``); micro-batches are padded to ``max_physical_batch_size``
             (default: a multiple of 8 above the expected batch size) so that Poisson batch
-            sizes never recompile, and padding rows are clipped to exactly zero.
+            sizes never recompile, and padding rows are clipped to exactly zero. The first step
+            runs eagerly, with the leak guard that compiled graphs cannot carry.
         device: the device; None takes the accelerator's.
     """
 
@@ -127,9 +128,11 @@ class DPStrategy(PrivateStepMixin, SingleDeviceStrategy):
     def setup(self, trainer: Any) -> None:
         check_trainer_supports_dp(trainer, self)
         self.private.make_private(self.lightning_module)
-        if self.private.speed.compile:
-            compile_in_place(self.lightning_module, dynamic=False)
         super().setup(trainer)
+
+    @override
+    def compile_model(self) -> None:
+        compile_in_place(self.lightning_module, dynamic=False)
 
 
 def check_trainer_supports_dp(trainer: Any, strategy: Any) -> None:

@@ -146,14 +146,17 @@ class DPFSDPStrategy(PrivateStepMixin, ModelParallelStrategy):
         check_groups_inside_units(module)
         sum_gradients_across_ranks(module)
         clipper_of(module).require_prompt_finish = True
-        if self.private.speed.compile:
-            compile_submodules(module, nested_units(module), dynamic=False)
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    @override
+    def compile_model(self) -> None:
+        module = self.lightning_module
+        compile_submodules(module, nested_units(module), dynamic=False)
 
     @override
     def data_parallel_rank_and_size(self) -> tuple[int, int]:

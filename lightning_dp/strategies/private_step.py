@@ -35,6 +35,7 @@ class PrivateStepMixin:
 
     private: PrivateTraining
     skip_empty_batches = True
+    _compiled = False
 
     def process_dataloader(self, dataloader: object) -> object:
         trainer = self.lightning_module.trainer
@@ -52,6 +53,10 @@ class PrivateStepMixin:
 
     def data_parallel_rank_and_size(self) -> tuple[int, int]:
         return self.global_rank, self.world_size
+
+    def compile_model(self) -> None:
+        """Compile the private model (``compile=True``), called after the first, eager step."""
+        raise NotImplementedError
 
     def sum_across_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a per-rank statistic (the adaptive-threshold counts) over data-parallel ranks."""
@@ -93,6 +98,12 @@ class PrivateStepMixin:
                 (output["loss"] if isinstance(output, dict) else output).backward()
             self._later_micro_batches = []
             clipper_of(self.lightning_module).real_rows = None
+            if self.private.speed.compile and not self._compiled and clipper_of(self.lightning_module).stats:
+                # The first step that ran the model ran eagerly, where the leak guard sees any
+                # gradient that bypassed clipping (a compiled graph hands autograd clipped
+                # gradients, so it cannot tell); later steps run compiled.
+                self.compile_model()
+                self._compiled = True
             rank, _ = self.data_parallel_rank_and_size()
             self.private.noise_and_normalize(self.lightning_module, rank, self.root_device, self.sum_across_ranks)
             return result

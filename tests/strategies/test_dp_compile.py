@@ -43,3 +43,14 @@ def test_compiled_strategy_trains_like_eager_without_recompiling_on_poisson_size
     assert strategy.private.speed.max_physical_batch_size == 32  # multiple of 8 above 12 + 4 sd
     assert strategy.private.ledger.steps == eager_strategy.private.ledger.steps == 2 * N // BATCH
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+class ReadsWeightInLoss(Classifier):
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx).sum() + self.net[0].weight.pow(2).sum()
+
+
+def test_first_step_runs_eagerly_so_the_leak_guard_still_catches_bypassed_gradients():
+    strategy = lightning_dp.DPStrategy(noise_multiplier=0.5, seed=SEED, compile=True, loss_reduction="sum")
+    with pytest.raises(lightning_dp.PrivacyLeakError, match=r"`net.0.weight`"):
+        trainer(strategy, max_steps=2).fit(ReadsWeightInLoss(), DataLoader(toy_dataset(N), batch_size=BATCH))
