@@ -1,6 +1,6 @@
 """Trainer(strategy="dp_fsdp", devices=2) on CPU/gloo; Lightning re-runs this script per rank.
 
-    python fsdp_trainer_run.py OUT_DIR MAX_STEPS sharded|full [CKPT_PATH] [--adaptive]
+    python fsdp_trainer_run.py OUT_DIR MAX_STEPS sharded|full [CKPT_PATH] [--adaptive] [--compile]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fsdp_models import TinyTransformer, per_example_loss  # noqa: E402
 
 import lightning_dp  # noqa: E402
+from lightning_dp.engine.make_private import _state  # noqa: E402
 
 
 class LanguageModel(L.LightningModule):
@@ -33,8 +34,8 @@ class LanguageModel(L.LightningModule):
 
 
 def main() -> None:
-    adaptive = "--adaptive" in sys.argv
-    args = [a for a in sys.argv[1:] if a != "--adaptive"]
+    adaptive, compiled = "--adaptive" in sys.argv, "--compile" in sys.argv
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
     out, max_steps, layout = args[0], int(args[1]), args[2]
     ckpt = args[3] if len(args) > 3 else None
     L.seed_everything(0)
@@ -45,6 +46,7 @@ def main() -> None:
             max_grad_norm=1.0, seed=3, max_physical_batch_size=4,
             save_distributed_checkpoint=layout == "sharded",
             thresholds="adaptive" if adaptive else "fixed", initial_threshold=0.05 if adaptive else None,
+            compile=compiled,
         ),
         accelerator="cpu", devices=2, max_steps=max_steps, logger=False, enable_progress_bar=False,
         enable_model_summary=False,
@@ -70,6 +72,7 @@ def main() -> None:
                 "q": private.sample_rate,
                 "delta": accountant.delta,
                 "groups": sorted(lightning_dp.group_thresholds(module)),
+                "compiled_sites": sum(site.compiled for site in _state(module).sites),
             }, f)
 
 
