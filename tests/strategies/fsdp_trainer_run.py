@@ -78,3 +78,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Tear gloo down before interpreter exit: left to shutdown, its threads can abort the
+    # process ("terminate called without an active exception") after the run has succeeded.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
