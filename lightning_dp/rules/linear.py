@@ -35,8 +35,9 @@ INSTANTIATE_MAX_NUMEL = 2**26
 #: Ghost norms cost T^2 (p + d) multiply-adds per example beyond the weight gradient, which
 #: instantiation gets for free (its clipped sum needs no second matmul); instantiation instead
 #: writes and reads p*d elements per example about three times. These are the multiply-adds one
-#: such element is worth: measured on CPU (bench/RESULTS.md, "norm method"), and estimated for
-#: accelerators from an H100's ratio of bandwidth to matmul throughput (not yet measured).
+#: such element is worth: chosen from CPU measurements (bench/RESULTS.md, "Issue 2" and
+#: "Scaling"), and estimated for accelerators from an H100's ratio of bandwidth to matmul
+#: throughput (not yet measured).
 GHOST_WORK_PER_ELEMENT = {"cpu": 15}
 GHOST_WORK_PER_ELEMENT_ACCELERATOR = 300
 
