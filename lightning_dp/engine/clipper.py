@@ -230,14 +230,14 @@ class Clipper:
             keep = keep & (torch.arange(norms.shape[0], device=norms.device) < self.real_rows)
         scale = self.clip_fn(norms, group.threshold, self.gamma)
         scale = torch.where(keep, scale, torch.zeros_like(scale))
-        real = slice(None, self.real_rows)
+        real = norms[: self.real_rows].detach()
         self.stats[group_name] = GroupStats(
-            norms=norms[real].detach(),
-            clipped=(norms[real] > group.threshold).sum(),
-            nonfinite=(~finite[real]).sum(),
+            norms=real,
+            clipped=(real > group.threshold).sum(),
+            nonfinite=(~torch.isfinite(real)).sum(),
         )
         if self.count_within:  # centred bits of real rows; a non-finite norm counts as outside
-            within = (norms[real] <= group.threshold).sum(dtype=torch.float32) - 0.5 * norms[real].numel()
+            within = (real <= group.threshold).sum(dtype=torch.float32) - 0.5 * real.numel()
             self._counts[group_name] = self._counts.get(group_name, 0.0) + within.detach()
         return scale
 
