@@ -20,7 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_dp.engine.clip_fns import CLIP_FNS
-from lightning_dp.rules.base import GradUse, Rule, upcast
+from lightning_dp.engine.deferred_ops import group_scale
+from lightning_dp.rules.base import Rule
+from lightning_dp.rules.protocol import GradUse, upcast
+
+
+class ExampleMismatchError(ValueError):
+    """A private call's input rows cannot be mapped to the examples of the forward."""
 
 
 @dataclass
@@ -77,9 +83,25 @@ class Site:
     def active(self) -> bool:
         return torch.is_grad_enabled() and self.clipper.enabled
 
-    def begin(self) -> None:
+    def announce(self) -> None:
+        """Count one primitive call whose backward the clipper waits for."""
         if not self.compiled:
             self.clipper.on_forward(self)
+
+    def rows_are_examples(self, rows: int, what: str = "input") -> bool:
+        """True when ``rows`` is the forward's example count, False when it is 1 (one row shared
+        by every example); refuses anything else. See :meth:`Clipper.rows_are_examples`."""
+        return self.clipper.rows_are_examples(self, rows, what)
+
+    def enter(self, x: Tensor, dim: int = 0) -> Tensor:
+        """Announce a primitive call on input ``x``; a row shared by every example is expanded to
+        the batch, so that each example's gradient through this call can be taken apart."""
+        self.announce()
+        if self.rows_are_examples(x.shape[dim], f"input of shape {tuple(x.shape)}"):
+            return x
+        shape = list(x.shape)
+        shape[dim] = self.clipper.examples
+        return x.expand(shape)
 
     def record(self, use: GradUse) -> dict[str, Tensor] | None:
         """Hand over one call's gradient factors. Eager: the clipper writes ``.grad`` later and
@@ -122,6 +144,48 @@ class Clipper:
         self._pending: dict[str, int] = defaultdict(int)
         self._uses: dict[str, list[tuple[Site, GradUse]]] = defaultdict(list)
         self._callback_task: int | None = None
+        #: Examples in the current forward. The strategies pin it to each micro-batch's size;
+        #: otherwise ``make_private``'s hook reads it from the root model's inputs, or (when a
+        #: submodule is called directly) the first private call of the forward sets it.
+        self.examples: int | None = None
+        self.examples_pinned = False
+
+    @contextlib.contextmanager
+    def pinned_examples(self, count: int) -> Iterator[None]:
+        """Every private call in this block belongs to a forward over ``count`` examples."""
+        previous = self.examples_pinned
+        self.examples, self.examples_pinned = count, True
+        try:
+            yield
+        finally:
+            # ``examples`` stays set for recomputation in the backward (activation checkpointing)
+            self.examples_pinned = previous
+
+    def rows_are_examples(self, site: Site, rows: int, what: str) -> bool:
+        """Map a private call's rows to the forward's examples.
+
+        ``rows`` equal to the example count: one row per example. One row while the forward holds
+        several examples: a row every example shares (HF position ids of shape [1, T]), which
+        the primitive expands so that each example's gradient through it is its own. Anything
+        else (e.g. T5's [q, k] relative-position buckets) would have its batch-summed gradient
+        clipped as if its rows were examples: refused.
+        """
+        if self.examples is None:
+            self.examples = rows
+        if rows == self.examples:
+            return True
+        if rows == 1:
+            return False
+        raise ExampleMismatchError(
+            f"`{site.path}` ({type(site.module).__name__}) was called with an {what} whose "
+            f"leading dimension has {rows} rows, but this forward holds {self.examples} examples. "
+            "lightning-dp attributes a private call's gradient to examples by that dimension (one "
+            "row per example, or one row shared by all of them), so this call's gradient could "
+            "not be clipped per example. If the input does not depend on the example (e.g. "
+            f"relative-position buckets), freeze `{site.path}` with requires_grad_(False). If the "
+            "model's examples are not along dim 0 of its first input, pass "
+            "make_private(..., batch_size_fn=lambda args, kwargs: <number of examples>)."
+        )
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -148,7 +212,7 @@ class Clipper:
 
     def on_backward(self, site: Site, use: GradUse) -> None:
         self._queue_finish_callback()
-        touched = {self.group_of[site.param_keys[name]] for name in use.params}
+        touched = {self.group_of[site.param_keys[use.names[role]]] for role in use.params}
         for group in site.groups:
             if group in touched:
                 self._uses[group].append((site, use))
@@ -179,6 +243,8 @@ class Clipper:
             self._finalize(group)
         self._pending.clear()
         self._callback_task = None
+        if not self.examples_pinned:
+            self.examples = None
 
     def _finalize(self, group_name: str) -> None:
         uses = self._uses.pop(group_name, [])
@@ -198,10 +264,10 @@ class Clipper:
         # weights, a module applied twice) has per-example gradient = the sum over its calls.
         contributions: dict[str, list[tuple[GradUse, str]]] = defaultdict(list)
         for site, use in uses:
-            for local in use.params:
-                canonical = site.param_keys[local]
+            for role in use.params:
+                canonical = site.param_keys[use.names[role]]
                 if self.group_of[canonical] == group_name:
-                    contributions[canonical].append((use, local))
+                    contributions[canonical].append((use, role))
 
         norm_sq = None
         for calls in contributions.values():
@@ -247,11 +313,9 @@ class Clipper:
         Each group this call touches gets one ``group_scale`` node over the call's share of the
         group's squared norms; ``lightning_dp.passes`` joins the nodes of a group into one.
         """
-        from lightning_dp.engine.deferred_ops import group_scale
-
         by_group: dict[str, list[str]] = defaultdict(list)
-        for local in use.params:
-            by_group[self.group_of[site.param_keys[local]]].append(local)
+        for role in use.params:
+            by_group[self.group_of[site.param_keys[use.names[role]]]].append(role)
         grads = {}
         for group_name, names in by_group.items():
             norm_sq = use.norm_sq(names[0])

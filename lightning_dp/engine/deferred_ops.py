@@ -13,26 +13,30 @@ loudly instead of clipping each layer on its own (which would break the sensitiv
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from lightning_dp.engine.clipper import Clipper
 
-_CLIPPERS: weakref.WeakValueDictionary[int, Clipper] = weakref.WeakValueDictionary()
+class _ScaleSource(Protocol):
+    """What compiled code needs of a clipper (``engine.clipper.Clipper``)."""
+
+    def scale_from_norm_sq(self, group_name: str, norm_sq: Tensor) -> Tensor: ...
+
+
+_CLIPPERS: weakref.WeakValueDictionary[int, _ScaleSource] = weakref.WeakValueDictionary()
 _NEXT_ID = [0]
 
 
-def register_clipper(clipper: Clipper) -> int:
+def register_clipper(clipper: _ScaleSource) -> int:
     """A process-unique id by which compiled code finds the clipper at run time."""
     _NEXT_ID[0] += 1
     _CLIPPERS[_NEXT_ID[0]] = clipper
     return _NEXT_ID[0]
 
 
-def clipper_by_id(clipper_id: int) -> Clipper:
+def clipper_by_id(clipper_id: int) -> _ScaleSource:
     clipper = _CLIPPERS.get(clipper_id)
     if clipper is None:
         raise RuntimeError(

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from lightning_dp.engine.clip_fns import ClipFn
 from lightning_dp.engine.clipper import Clipper, EngineOptions, Site
@@ -26,12 +27,14 @@ from lightning_dp.engine.groups import (
     with_thresholds,
 )
 from lightning_dp.engine.validation import check_no_cross_example_layers
-from lightning_dp.rules import FuncFallbackRule, rules
+from lightning_dp.rules import rules
 from lightning_dp.rules.linear import NormMethod
+from lightning_dp.rules.routing import RoutedRule
 
 ClippingStyle = Literal["flat", "layer", "unit"]
 ThresholdMode = Literal["fixed", "adaptive"]
 GroupSpec = Sequence[Sequence[str]] | Mapping[str, Sequence[str]]
+BatchSizeFn = Callable[[tuple, dict], int]
 
 _STATE = "_lightning_dp_state"
 
@@ -47,10 +50,12 @@ class PrivateState:
     params: dict[str, Tensor]
     clipping: Any = None
     hooks: list[Any] = field(default_factory=list)
+    #: removes the root model's example-counting hook
+    root_hook: Any = None
 
     def guard(self) -> None:
         """Arm the leak guard on every trainable parameter."""
-        self.hooks = [p.register_hook(_leak_guard(n)) for n, p in self.params.items()]
+        self.hooks = [p.register_hook(_LeakGuard(n, self.clipper)) for n, p in self.params.items()]
 
     def __deepcopy__(self, memo: dict) -> PrivateState:
         # Tensor hooks are not copied with tensors: re-arm the guard on the copied parameters.
@@ -74,14 +79,20 @@ def make_private(
     norm_method: NormMethod = "auto",
     fallback: bool = False,
     thresholds: ThresholdMode = "fixed",
+    batch_size_fn: BatchSizeFn | None = None,
 ) -> nn.Module:
     """Rewrite ``model`` in place so that backward of a summed loss leaves ``sum_i clip(g_i)``.
 
     After this, ``(per_example_losses.sum()).backward()`` writes into every trainable
     parameter's ``.grad`` the sum over examples of the clipped per-example gradient. No noise
-    is added and nothing is divided: that is the strategy's job. Examples are the entries along
-    dimension 0 of every private module's input. Use ``.backward()`` (not ``torch.autograd.grad``)
-    and one forward per backward.
+    is added and nothing is divided: that is the strategy's job. Use ``.backward()`` (not
+    ``torch.autograd.grad``) and one forward per backward.
+
+    Examples are a property of the forward, not of a module: a call of the model holds B
+    examples (dim 0 of its first tensor input, or ``batch_size_fn``; the strategies set it per
+    micro-batch). Every private call must see one row per example, or one row that every
+    example shares (HF position ids of shape [1, T]: expanded, so each example's gradient
+    through it is its own); any other input is refused naming the module.
 
     Args:
         model: the model; modules mixing examples (BatchNorm) are refused.
@@ -93,12 +104,18 @@ def make_private(
         max_grad_norm: threshold C for every group, or a mapping group name -> C.
         gamma: the stabiliser of automatic clipping.
         norm_method: ``"auto"`` picks ghost norm or instantiation per layer by shape; speed only.
-        fallback: handle modules with no registered rule (and bare ``nn.Parameter``s used in a
-            module's own forward) with the ``torch.func`` fallback instead of refusing them.
+        fallback: modules whose own forward uses their parameters in ops no rule stands for
+            (``x * self.gain``, a bare ``nn.Parameter`` class token) are handled by the
+            ``torch.func`` fallback instead of being refused. Modules whose forward calls
+            ``F.linear``/``F.embedding``/``F.conv*``/``F.*_norm`` on their own parameters
+            (including subclasses of ``nn.Linear`` etc. that override ``forward``) keep their
+            forward with those ops routed to the DP primitives, with or without the fallback.
         thresholds: ``"fixed"``, or ``"adaptive"``: the clipper also keeps each group's centred
             count of examples within its threshold, summed over backwards until
             ``clipper_of(model).take_counts(...)``; ``lightning_dp.thresholds`` releases them
             with noise and moves the thresholds (``max_grad_norm`` is then the initial one).
+        batch_size_fn: the number of examples in a call of ``model``, from its
+            ``(args, kwargs)``; default: dim 0 of the first tensor argument.
 
     Returns:
         The same model, rewritten.
@@ -127,13 +144,18 @@ def make_private(
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     state = PrivateState(clipper=clipper, sites=[], params=params, clipping=clipping)
     for index, (path, module, rule, keys) in enumerate(planned):
-        site = Site(path=path, module=module, rule=rule, clipper=clipper, param_keys=keys, index=index)
+        site = Site(
+            path=path or ROOT, module=module, rule=rule, clipper=clipper, param_keys=keys, index=index
+        )
         site.groups = sorted({clipper.group_of[k] for k in keys.values()})
         for group in site.groups:
             clipper.group_sites[group].add(index)
         _route_forward(site)
         state.sites.append(site)
     state.guard()
+    state.root_hook = model.register_forward_pre_hook(
+        _CountExamples(clipper, batch_size_fn or first_batch_dim), with_kwargs=True
+    )
     setattr(model, _STATE, state)
     return model
 
@@ -147,6 +169,7 @@ def strip_private(model: nn.Module) -> nn.Module:
             site.module.forward = site.original_forward
     for hook in state.hooks:
         hook.remove()
+    state.root_hook.remove()
     delattr(model, _STATE)
     return model
 
@@ -205,14 +228,19 @@ def _canonical_names(model: nn.Module) -> tuple[dict[int, str], dict[str, str]]:
 
 
 def _plan_sites(model: nn.Module, canonical: dict[int, str], fallback: bool):
-    """(path, module, rule, {local name: canonical name}) for every module owning trainable params."""
+    """(path, module, rule, {local name: canonical name}) for every module owning trainable params.
+
+    A module of a registered class runs through its rule; one whose class overrides the
+    registered class's ``forward``, or that has no rule, keeps its own forward with its
+    parametric ops routed to the primitives (``rules/routing.py``).
+    """
     planned, covered, refused = [], [], []
     for path, module in model.named_modules():
         if any(path == c or path.startswith(c + ".") for c in covered):
             continue
         direct = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
         rule = rules.lookup(module)
-        if rule is not None:
+        if rule is not None and not rules.keeps_own_forward(module):
             rule.validate(module, path or ROOT)
             names = rule.param_names(module)
             unhandled = sorted(set(direct) - set(names))
@@ -220,23 +248,11 @@ def _plan_sites(model: nn.Module, canonical: dict[int, str], fallback: bool):
                 refused.append((path, module, unhandled))
                 continue
             if unhandled:
-                rule = FuncFallbackRule()
-                names = direct
+                rule, names = RoutedRule(fallback=True), direct
             if rule.covers_subtree:
                 covered.append(path)
-        elif direct and fallback:
-            rule, names = FuncFallbackRule(), direct
-            if any(p.requires_grad for c in module.children() for p in c.parameters()):
-                warnings.warn(
-                    f"`{path or ROOT}` ({type(module).__name__}) uses its own parameters {direct} "
-                    "in its forward; the torch.func fallback re-runs that whole forward per "
-                    "example in the backward pass. Move them into a small leaf module to avoid "
-                    "the cost.",
-                    stacklevel=3,
-                )
         elif direct:
-            refused.append((path, module, direct))
-            continue
+            rule, names = RoutedRule(fallback), direct
         else:
             continue
         if names:
@@ -247,8 +263,8 @@ def _plan_sites(model: nn.Module, canonical: dict[int, str], fallback: bool):
             f"  `{path or ROOT}` ({type(m).__name__}): {names}" for path, m, names in refused
         )
         raise ValueError(
-            "make_private: these modules own trainable parameters that no per-example rule "
-            f"handles, so their gradients could not be clipped:\n{lines}\nRegistered rules: "
+            "make_private: these modules own trainable parameters that their class's rule does "
+            f"not handle, so their gradients could not be clipped:\n{lines}\nRegistered rules: "
             f"{rules.registered_types()}. Pass fallback=True to handle them with the torch.func "
             "fallback, register a rule with @lightning_dp.rules.register(YourModule), or freeze "
             "them with requires_grad_(False)."
@@ -282,7 +298,6 @@ class _PrivateForward:
         site = self.site
         if not site.active():
             return site.original_forward(*args, **kwargs)
-        site.begin()
         return site.rule.forward(site, site.module, *args, **kwargs)
 
 
@@ -292,19 +307,43 @@ def _route_forward(site: Site) -> None:
     site.module.forward = _PrivateForward(site)
 
 
-def _leak_guard(name: str):
-    """A hook on the incoming gradient: DP primitives hand autograd ``None`` for parameters (the
-    clipper writes ``.grad`` itself), so any defined gradient arriving here bypassed clipping."""
+def first_batch_dim(args: tuple, kwargs: dict) -> int | None:
+    """Examples in a call: dim 0 of its first tensor argument (positional, then keyword)."""
+    for leaf in tree_flatten((args, kwargs))[0]:
+        if isinstance(leaf, Tensor) and leaf.dim() > 0:
+            return leaf.shape[0]
+    return None
 
-    def hook(grad: Tensor | None) -> None:
-        if grad is None:
+
+class _CountExamples:
+    """Forward pre-hook on the root model: each call of it starts a forward over this many
+    examples (unless a strategy has pinned the count to its micro-batch)."""
+
+    def __init__(self, clipper: Clipper, batch_size_fn: BatchSizeFn) -> None:
+        self.clipper, self.batch_size_fn = clipper, batch_size_fn
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        clipper = self.clipper
+        if clipper.examples_pinned or not (clipper.enabled and torch.is_grad_enabled()):
+            return
+        clipper.examples = self.batch_size_fn(args, kwargs)
+
+
+class _LeakGuard:
+    """A hook on a parameter's incoming gradient: DP primitives hand autograd ``None`` for
+    parameters (the clipper writes ``.grad`` itself), so any defined gradient arriving here
+    bypassed clipping. Plain passes with the clipper disabled (the self-check) are exempt."""
+
+    def __init__(self, name: str, clipper: Clipper) -> None:
+        self.name, self.clipper = name, clipper
+
+    def __call__(self, grad: Tensor | None) -> None:
+        if grad is None or not self.clipper.enabled:
             return
         raise PrivacyLeakError(
-            f"Parameter `{name}` received a gradient that bypassed per-example clipping: it is "
-            "used outside its module's forward (e.g. read directly in another module or in the "
-            "loss). That gradient would be released without privacy. Use the parameter only "
+            f"Parameter `{self.name}` received a gradient that bypassed per-example clipping: it "
+            "is used outside its module's forward (e.g. read directly in another module or in "
+            "the loss). That gradient would be released without privacy. Use the parameter only "
             "through its module, enable fallback=True for the module that reads it, or put "
             "data-independent terms such as weight decay in the optimizer."
         )
-
-    return hook

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_dp.rules.base import GradUse, trainable, weighted_sum
+from lightning_dp.rules.base import CallSite, GradUse, trainable, weighted_sum
 
 
 class AffineUse(GradUse):
@@ -43,8 +43,8 @@ def _broadcast(param: Tensor, like: Tensor, channel_dim: int | None) -> Tensor:
 
 class _AffineFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, site, channel_dim, xhat: Tensor, weight: Tensor | None, bias: Tensor | None):
-        ctx.site, ctx.channel_dim, ctx.weight, ctx.bias = site, channel_dim, weight, bias
+    def forward(ctx, site, channel_dim, names, xhat: Tensor, weight: Tensor | None, bias: Tensor | None):
+        ctx.site, ctx.channel_dim, ctx.names, ctx.weight, ctx.bias = site, channel_dim, names, weight, bias
         out = xhat
         if weight is not None:
             out = out * _broadcast(weight, xhat, channel_dim)
@@ -59,13 +59,22 @@ class _AffineFn(torch.autograd.Function):
         weight = ctx.weight
         grad_xhat = g if weight is None else g * _broadcast(weight, g, ctx.channel_dim)
         params = {n: p for n, p in (("weight", weight), ("bias", ctx.bias)) if trainable(p)}
-        grads = ctx.site.record(AffineUse(xhat, g, params, ctx.channel_dim)) or {}
-        return None, None, grad_xhat, grads.get("weight"), grads.get("bias")
+        use = AffineUse(xhat, g, params, ctx.channel_dim)
+        use.names.update(ctx.names or {})
+        grads = ctx.site.record(use) or {}
+        return None, None, None, grad_xhat, grads.get("weight"), grads.get("bias")
 
 
-def affine(site, xhat: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: int | None = None) -> Tensor:
+def affine(
+    site: CallSite,
+    xhat: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    channel_dim: int | None = None,
+    names: dict[str, str] | None = None,
+) -> Tensor:
     """``xhat * weight + bias`` with per-example clipped parameter gradients.
 
     ``channel_dim=None`` broadcasts the parameters over trailing dims; ``1`` over channels.
     """
-    return _AffineFn.apply(site, channel_dim, xhat, weight, bias)
+    return _AffineFn.apply(site, channel_dim, names, site.enter(xhat), weight, bias)

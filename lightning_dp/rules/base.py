@@ -1,42 +1,26 @@
-"""What every per-example gradient rule provides to the clipper.
+"""What a per-example gradient rule is, and tensor helpers the primitives share.
 
-A *rule* replaces one module type's forward with a DP primitive (an ``autograd.Function``).
-Its backward returns the input gradient as usual, and hands the clipper a :class:`GradUse`:
-the factors from which this call's per-example parameter gradients can be normed and
-clipped (for a linear layer, the output gradient ``g`` and input ``x``). The primitive returns
-``None`` for parameters, so their ``.grad`` is written only by the clipper, after clipping.
+A *rule* computes one module type's forward through DP primitives (``autograd.Function``s).
+A primitive's backward returns the input gradient as usual, and hands the engine a
+:class:`~lightning_dp.rules.protocol.GradUse`: the factors from which this call's per-example
+parameter gradients can be normed and clipped (for a linear layer, the output gradient ``g``
+and input ``x``). The primitive returns ``None`` for parameters, so their ``.grad`` is written
+only by the engine, after clipping.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from lightning_dp.engine.clipper import Site
+from lightning_dp.rules.protocol import CallSite, GradUse, upcast
 
-
-class GradUse:
-    """Per-example gradient factors of one call of a DP primitive, keyed by local param name."""
-
-    def __init__(self, params: dict[str, Tensor], batch_size: int) -> None:
-        self.params = params
-        self.batch_size = batch_size
-
-    def norm_sq(self, name: str) -> Tensor:
-        """Per-example squared L2 norm of parameter ``name``'s gradient, float32, shape [B]."""
-        return upcast(self.per_example(name)).pow(2).flatten(1).sum(1)
-
-    def per_example(self, name: str) -> Tensor:
-        """Per-example gradients of ``name``, shape [B, *param.shape] (used for shared params)."""
-        raise NotImplementedError
-
-    def clipped_grad(self, name: str, scale: Tensor) -> Tensor:
-        """``sum_i scale[i] * G_i`` for parameter ``name``; rows with scale 0 must add exactly 0,
-        even where their factors are not finite."""
-        raise NotImplementedError
+__all__ = [
+    "CallSite", "GradUse", "Rule", "as_tokens", "rows_where", "scale_rows", "trainable",
+    "upcast", "weighted_sum",
+]
 
 
 class Rule:
@@ -56,7 +40,7 @@ class Rule:
     def validate(self, module: nn.Module, path: str) -> None:
         """Raise if this module's configuration cannot be made private (e.g. mixes examples)."""
 
-    def forward(self, site: Site, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, site: CallSite, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """The module's forward, routed through the rule's DP primitive."""
         raise NotImplementedError
 
@@ -64,11 +48,6 @@ class Rule:
 def as_tokens(tensor: Tensor) -> Tensor:
     """[B, ..., d] -> [B, T, d] (T = 1 for [B, d]), without ``-1`` so that B = 0 works."""
     return tensor.unsqueeze(1) if tensor.dim() == 2 else tensor.flatten(1, -2)
-
-
-def upcast(tensor: Tensor) -> Tensor:
-    """At least float32, for norm accumulation under bf16/fp16 (float64 stays float64)."""
-    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
 def trainable(tensor: Tensor | None) -> bool:

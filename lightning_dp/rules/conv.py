@@ -9,6 +9,8 @@ gradient is one ``convolution_backward`` with scaled output-gradient rows.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from torch import Tensor, nn
 
 from lightning_dp.rules._autocast import cast_for_autocast, no_autocast
 from lightning_dp.rules.base import (
+    CallSite,
     GradUse,
     Rule,
     rows_where,
@@ -28,7 +31,7 @@ from lightning_dp.rules.linear import choose_norm_method
 from lightning_dp.rules.registry import rules
 
 
-def unfold_patches(x: Tensor, conv: _ConvSpec) -> Tensor:
+def unfold_patches(x: Tensor, conv: ConvSpec) -> Tensor:
     """Input patches [B, C * prod(kernel), L] for a convolution with zero padding, any dims."""
     pad = [p for size in reversed(conv.padding) for p in (size, size)]
     x = F.pad(x, pad)
@@ -41,18 +44,20 @@ def unfold_patches(x: Tensor, conv: _ConvSpec) -> Tensor:
     return x.flatten(2 + n).flatten(1, 1 + n)
 
 
-class _ConvSpec:
-    def __init__(self, module: nn.modules.conv._ConvNd, padding: tuple[int, ...]) -> None:
-        self.kernel_size = module.kernel_size
-        self.stride = module.stride
-        self.dilation = module.dilation
-        self.groups = module.groups
-        self.padding = padding
+@dataclass(frozen=True)
+class ConvSpec:
+    """A convolution's geometry, with padding already made explicit and symmetric."""
+
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
 
 
 class ConvUse(GradUse):
     def __init__(
-        self, x: Tensor, g: Tensor, params: dict[str, Tensor], spec: _ConvSpec, weight: Tensor,
+        self, x: Tensor, g: Tensor, params: dict[str, Tensor], spec: ConvSpec, weight: Tensor,
         norm_method: str,
     ) -> None:
         batch = g.shape[0]
@@ -108,8 +113,8 @@ class ConvUse(GradUse):
 
 class _ConvFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, site, spec: _ConvSpec, x: Tensor, weight: Tensor, bias: Tensor | None):
-        ctx.site, ctx.spec, ctx.weight, ctx.bias = site, spec, weight, bias
+    def forward(ctx, site, spec: ConvSpec, names, x: Tensor, weight: Tensor, bias: Tensor | None):
+        ctx.site, ctx.spec, ctx.names, ctx.weight, ctx.bias = site, spec, names, weight, bias
         xc, wc, bc = cast_for_autocast(x, weight, bias)
         with no_autocast(x.device.type):
             out = torch.ops.aten.convolution(
@@ -124,29 +129,54 @@ class _ConvFn(torch.autograd.Function):
         x, w = ctx.saved_tensors
         spec = ctx.spec
         grad_x = None
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[3]:
             grad_x, _, _ = torch.ops.aten.convolution_backward(
                 g, x, w, None, spec.stride, spec.padding, spec.dilation, False,
                 [0] * len(spec.kernel_size), spec.groups, [True, False, False],
             )
         params = {n: p for n, p in (("weight", ctx.weight), ("bias", ctx.bias)) if trainable(p)}
-        grads = ctx.site.record(ConvUse(x, g, params, spec, w, ctx.site.options.norm_method)) or {}
-        return None, None, grad_x, grads.get("weight"), grads.get("bias")
+        use = ConvUse(x, g, params, spec, w, ctx.site.options.norm_method)
+        use.names.update(ctx.names or {})
+        grads = ctx.site.record(use) or {}
+        return None, None, None, grad_x, grads.get("weight"), grads.get("bias")
 
 
-def _explicit_padding(module: nn.modules.conv._ConvNd, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-    """Apply non-zero padding modes and 'same' padding up front; return symmetric zero padding."""
-    n = len(module.kernel_size)
-    if isinstance(module.padding, str):
-        if module.padding == "valid":
-            return x, (0,) * n
-        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
-        pad = [p for t in reversed(totals) for p in (t // 2, t - t // 2)]
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        return F.pad(x, pad, mode=mode), (0,) * n
-    if module.padding_mode != "zeros":
-        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), (0,) * n
-    return x, tuple(module.padding)
+def _tuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, Sequence) else (value,) * n
+
+
+def conv(
+    site: CallSite,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: str | int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    names: dict[str, str] | None = None,
+) -> Tensor:
+    """``F.conv1d/2d/3d`` (with ``nn.Conv``'s padding modes) whose parameter gradients go to
+    ``site``'s clipper, clipped per example."""
+    n = weight.dim() - 2
+    kernel, dilation = tuple(weight.shape[2:]), _tuple(dilation, n)
+    x = site.enter(x)
+    if isinstance(padding, str):
+        if padding == "valid":
+            explicit = (0,) * n
+        else:  # "same"
+            totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+            pad = [p for t in reversed(totals) for p in (t // 2, t - t // 2)]
+            x = F.pad(x, pad, mode="constant" if padding_mode == "zeros" else padding_mode)
+            explicit = (0,) * n
+    elif padding_mode != "zeros":
+        pad = [p for size in reversed(_tuple(padding, n)) for p in (size, size)]
+        x, explicit = F.pad(x, pad, mode=padding_mode), (0,) * n
+    else:
+        explicit = _tuple(padding, n)
+    spec = ConvSpec(kernel, _tuple(stride, n), explicit, dilation, groups)
+    return _ConvFn.apply(site, spec, names, x, weight, bias)
 
 
 @rules.register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -154,5 +184,7 @@ class ConvRule(Rule):
     handles = ("weight", "bias")
 
     def forward(self, site, module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
-        x, padding = _explicit_padding(module, x)
-        return _ConvFn.apply(site, _ConvSpec(module, padding), x, module.weight, module.bias)
+        return conv(
+            site, x, module.weight, module.bias, module.stride, module.padding, module.dilation,
+            module.groups, module.padding_mode,
+        )

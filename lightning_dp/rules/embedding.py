@@ -9,11 +9,13 @@ shapes that do not depend on the data, so there the pairwise form above is used 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dp.rules.base import GradUse, Rule, scale_rows, upcast
+from lightning_dp.rules.base import CallSite, GradUse, Rule, scale_rows, upcast
 from lightning_dp.rules.registry import rules
 
 
@@ -87,18 +89,55 @@ class PairwiseEmbeddingUse(GradUse):
 
 class _EmbeddingFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, site, module: nn.Embedding, ids: Tensor, weight: Tensor):
-        ctx.site, ctx.weight, ctx.padding_idx = site, weight, module.padding_idx
+    def forward(ctx, site, options: EmbeddingOptions, names, ids: Tensor, weight: Tensor):
+        ctx.site, ctx.weight, ctx.padding_idx, ctx.names = site, weight, options.padding_idx, names
         ctx.save_for_backward(ids)
         return F.embedding(
-            ids, weight, module.padding_idx, module.max_norm, module.norm_type, False, False
+            ids, weight, options.padding_idx, options.max_norm, options.norm_type, False, False
         )
 
     @staticmethod
     def backward(ctx, g: Tensor):
         (ids,) = ctx.saved_tensors
-        grads = ctx.site.record(embedding_use(ids, g, ctx.weight, ctx.padding_idx)) or {}
-        return None, None, None, grads.get("weight")
+        use = embedding_use(ids, g, ctx.weight, ctx.padding_idx)
+        use.names.update(ctx.names or {})
+        grads = ctx.site.record(use) or {}
+        return None, None, None, None, grads.get("weight")
+
+
+@dataclass(frozen=True)
+class EmbeddingOptions:
+    padding_idx: int | None = None
+    max_norm: float | None = None
+    norm_type: float = 2.0
+    scale_grad_by_freq: bool = False
+    sparse: bool = False
+
+    def check(self, path: str) -> None:
+        """Refuse the options that mix examples or cannot be clipped densely."""
+        if self.scale_grad_by_freq:
+            raise ValueError(
+                f"`{path}` looks up an embedding with scale_grad_by_freq=True, which scales each "
+                "example's gradient by token counts over the whole batch and so mixes examples; "
+                "set scale_grad_by_freq=False."
+            )
+        if self.sparse:
+            raise ValueError(
+                f"`{path}` looks up an embedding with sparse=True; lightning-dp writes dense "
+                "clipped gradients (noise makes every row dense anyway). Set sparse=False."
+            )
+
+
+def embedding(
+    site: CallSite,
+    ids: Tensor,
+    weight: Tensor,
+    options: EmbeddingOptions = EmbeddingOptions(),
+    names: dict[str, str] | None = None,
+) -> Tensor:
+    """``F.embedding`` whose weight gradient goes to ``site``'s clipper, clipped per example."""
+    options.check(site.path)
+    return _EmbeddingFn.apply(site, options, names, site.enter(ids), weight)
 
 
 @rules.register(nn.Embedding)
@@ -106,17 +145,14 @@ class EmbeddingRule(Rule):
     handles = ("weight", "bias")
 
     def validate(self, module: nn.Embedding, path: str) -> None:
-        if module.scale_grad_by_freq:
-            raise ValueError(
-                f"`{path}` is an nn.Embedding with scale_grad_by_freq=True, which scales each "
-                "example's gradient by token counts over the whole batch and so mixes examples; "
-                "set scale_grad_by_freq=False."
-            )
-        if module.sparse:
-            raise ValueError(
-                f"`{path}` is an nn.Embedding with sparse=True; lightning-dp writes dense clipped "
-                "gradients (noise makes every row dense anyway). Set sparse=False."
-            )
+        _options(module).check(path)
 
     def forward(self, site, module: nn.Embedding, ids: Tensor) -> Tensor:
-        return _EmbeddingFn.apply(site, module, ids, module.weight)
+        return embedding(site, ids, module.weight, _options(module))
+
+
+def _options(module: nn.Embedding) -> EmbeddingOptions:
+    return EmbeddingOptions(
+        module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq,
+        module.sparse,
+    )

@@ -39,45 +39,46 @@ class FallbackUse(GradUse):
 class _Call:
     """One call of a fallback module: its inputs, output gradients, and how to recompute."""
 
-    def __init__(self, site, names: list[str], args: tuple, kwargs: dict, batch_dim: int):
-        self.site, self.names, self.batch_dim = site, names, batch_dim
+    def __init__(self, site, names: list[str], args: tuple, kwargs: dict) -> None:
+        self.site, self.names = site, names
         self.inputs, self.input_spec = tree_flatten((args, kwargs))
         self.inputs = [t.detach() if isinstance(t, Tensor) else t for t in self.inputs]
-        self.batch_size = _batch_size(self.inputs, batch_dim)
+        #: per input leaf: the dim that indexes examples, or None for inputs every example shares
+        self.input_dims: list[int | None] = [None] * len(self.inputs)
+        self.batch_size = 0
         self.output_grads: tuple[Tensor, ...] | None = None
         self.output_positions: list[int] = []
+        #: per tapped output: the dim that indexes examples
+        self.output_dims: list[int] = []
 
     def per_example_grads(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
-        site, bd, batch = self.site, self.batch_dim, self.batch_size
-        if batch == 0:  # vmap cannot map over an empty dimension
+        site = self.site
+        if self.batch_size == 0:  # vmap cannot map over an empty dimension
             return {n: p.new_zeros((0, *p.shape)) for n, p in params.items()}
-        batched = [isinstance(t, Tensor) and t.dim() > bd and t.shape[bd] == batch for t in self.inputs]
-        tensors = [t for t, b in zip(self.inputs, batched) if b]
+        tensors = [t for t, d in zip(self.inputs, self.input_dims) if d is not None]
+        dims = [d for d in self.input_dims if d is not None]
 
         def one_example(example_tensors: list[Tensor], output_grads: tuple[Tensor, ...]):
             it = iter(example_tensors)
-            leaves = [next(it).unsqueeze(bd) if b else t for t, b in zip(self.inputs, batched)]
+            leaves = [
+                t if d is None else next(it).unsqueeze(d) for t, d in zip(self.inputs, self.input_dims)
+            ]
             args, kwargs = tree_unflatten(leaves, self.input_spec)
 
             def forward(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
                 out = functional_call(site.module, p, args, kwargs, strict=False)
                 leaves = tree_flatten(out)[0]
-                return tuple(leaves[i].squeeze(bd) for i in self.output_positions)
+                return tuple(
+                    leaves[i].squeeze(d) for i, d in zip(self.output_positions, self.output_dims)
+                )
 
             _, pullback = vjp(forward, params)
             return pullback(output_grads)[0]
 
         with site.clipper.disabled(), torch.enable_grad():
-            return vmap(one_example, in_dims=(bd, bd), randomness="different")(
+            return vmap(one_example, in_dims=(dims, tuple(self.output_dims)), randomness="different")(
                 tensors, self.output_grads
             )
-
-
-def _batch_size(leaves: list[Any], batch_dim: int) -> int:
-    for leaf in leaves:
-        if isinstance(leaf, Tensor) and leaf.dim() > batch_dim:
-            return leaf.shape[batch_dim]
-    raise ValueError("the torch.func fallback needs at least one batched tensor input")
 
 
 class _ParamTap(torch.autograd.Function):
@@ -131,12 +132,22 @@ class FuncFallbackRule(Rule):
     def __init__(self, covers_subtree: bool = False) -> None:
         self.covers_subtree = covers_subtree
 
-    def batch_dim(self, module: nn.Module) -> int:
-        return 0
+    def example_dims(
+        self, module: nn.Module, inputs: list[Any], outputs: list[Tensor]
+    ) -> tuple[list[int | None], list[int]]:
+        """Where each input leaf and each output tensor holds its examples: dim 0 by default.
+
+        Rules for modules that keep the batch elsewhere (recurrent layers' ``[T, B, H]`` inputs
+        and ``[layers, B, H]`` states) override this. ``None`` marks an input that is not a
+        tensor or that every example shares.
+        """
+        in_dims = [0 if isinstance(t, Tensor) and t.dim() > 0 else None for t in inputs]
+        return in_dims, [0] * len(outputs)
 
     def forward(self, site, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        site.announce()
         names = list(site.param_keys)
-        call = _Call(site, names, args, kwargs, self.batch_dim(module))
+        call = _Call(site, names, args, kwargs)
         params = [module.get_parameter(n) for n in names]
         tapped = _ParamTap.apply(call, *params)
         owners = [_get_owner(module, n) for n in names]
@@ -149,8 +160,25 @@ class FuncFallbackRule(Rule):
                 owner._parameters[leaf] = p
         leaves, spec = tree_flatten(out)
         positions = [i for i, o in enumerate(leaves) if isinstance(o, Tensor) and o.requires_grad]
-        call.output_positions = positions
-        tapped_out = _OutputTap.apply(call, *(leaves[i] for i in positions))
+        in_dims, out_dims = self.example_dims(module, call.inputs, [leaves[i] for i in positions])
+        # Inputs with one row per example are mapped over; one row shared by all is passed whole
+        # (vmap broadcasts it); anything else is refused by the site.
+        call.input_dims = [
+            d if d is not None and site.rows_are_examples(t.shape[d], f"input of shape {tuple(t.shape)}")
+            else None
+            for t, d in zip(call.inputs, in_dims)
+        ]
+        call.batch_size = site.clipper.examples
+        outputs = []
+        for i, d in zip(positions, out_dims):
+            o = leaves[i]
+            if not site.rows_are_examples(o.shape[d], f"output of shape {tuple(o.shape)}"):
+                shape = list(o.shape)
+                shape[d] = call.batch_size
+                o = o.expand(shape)  # one row every example shares: give each example its own
+            outputs.append(o)
+        call.output_positions, call.output_dims = positions, out_dims
+        tapped_out = _OutputTap.apply(call, *outputs)
         for i, o in zip(positions, tapped_out):
             leaves[i] = o
         return tree_unflatten(leaves, spec)

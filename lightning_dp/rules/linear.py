@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from lightning_dp.rules._autocast import cast_for_autocast, no_autocast
 from lightning_dp.rules.base import (
+    CallSite,
     GradUse,
     Rule,
     as_tokens,
@@ -123,8 +124,8 @@ class LinearUse(GradUse):
 
 class _LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, site, transposed: bool, x: Tensor, weight: Tensor, bias: Tensor | None):
-        ctx.site, ctx.transposed = site, transposed
+    def forward(ctx, site, transposed: bool, names, x: Tensor, weight: Tensor, bias: Tensor | None):
+        ctx.site, ctx.transposed, ctx.names = site, transposed, names
         ctx.weight, ctx.bias = weight, bias
         xc, wc, bc = cast_for_autocast(x, weight, bias)
         with no_autocast(x.device.type):
@@ -136,19 +137,30 @@ class _LinearFn(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         x, w = ctx.saved_tensors
         grad_x = None
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[3]:
             grad_x = g.matmul(w.t() if ctx.transposed else w)
         params = {n: p for n, p in (("weight", ctx.weight), ("bias", ctx.bias)) if trainable(p)}
         site = ctx.site
-        grads = site.record(
-            LinearUse(x, g, params, transposed=ctx.transposed, norm_method=site.options.norm_method)
-        ) or {}
-        return None, None, grad_x, grads.get("weight"), grads.get("bias")
+        use = LinearUse(x, g, params, transposed=ctx.transposed, norm_method=site.options.norm_method)
+        use.names.update(ctx.names or {})
+        grads = site.record(use) or {}
+        return None, None, None, grad_x, grads.get("weight"), grads.get("bias")
 
 
-def linear(site, x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool = False) -> Tensor:
-    """``F.linear`` whose parameter gradients go to ``site``'s clipper, clipped per example."""
-    return _LinearFn.apply(site, transposed, x, weight, bias)
+def linear(
+    site: CallSite,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    transposed: bool = False,
+    names: dict[str, str] | None = None,
+) -> Tensor:
+    """``F.linear`` whose parameter gradients go to ``site``'s clipper, clipped per example.
+
+    ``names`` maps ``"weight"``/``"bias"`` to the parameters' names in the calling module when
+    they differ (a module's own forward calling ``F.linear`` on its parameters).
+    """
+    return _LinearFn.apply(site, transposed, names, site.enter(x), weight, bias)
 
 
 @rules.register(nn.Linear)

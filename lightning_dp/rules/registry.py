@@ -49,11 +49,22 @@ class RuleRegistry:
 
     def lookup(self, module: nn.Module) -> Rule | None:
         """The rule of the nearest registered class in the module's MRO, or None."""
+        found = self.resolve(module)
+        return found[1] if found is not None else None
+
+    def resolve(self, module: nn.Module) -> tuple[type[nn.Module], Rule] | None:
+        """The nearest registered class in the module's MRO and its rule, or None."""
         for cls in type(module).__mro__:
             rule = self._rules.get(_dotted(cls))
             if rule is not None:
-                return rule
+                return cls, rule
         return None
+
+    def keeps_own_forward(self, module: nn.Module) -> bool:
+        """True when the module's class overrides ``forward`` below its registered class: its
+        rule would compute another function, so the module's own forward must run."""
+        found = self.resolve(module)
+        return found is not None and type(module).forward is not found[0].forward
 
     def registered_types(self) -> list[str]:
         """Registered class names (without their module)."""

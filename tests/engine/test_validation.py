@@ -50,19 +50,22 @@ def test_cross_example_and_unsupported_layers_are_refused(layer, match):
         ldp.make_private(model)
 
 
-def test_module_without_a_rule_is_named_with_the_fixes():
-    model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(NoRule()))
+def test_module_without_a_rule_is_named_with_the_fixes_at_its_first_forward():
+    model = ldp.make_private(nn.Sequential(nn.Linear(3, 3), nn.Sequential(NoRule())))
     with pytest.raises(ValueError) as info:
-        ldp.make_private(model)
+        model(torch.randn(2, 3))
     message = str(info.value)
-    assert "`1.0` (NoRule): ['w']" in message
-    assert "Linear" in message and "fallback=True" in message and "requires_grad_(False)" in message
+    assert "`1.0` (NoRule) uses its parameter 'w'" in message
+    assert "fallback=True" in message and "freeze" in message
 
 
 def test_subclass_adding_parameters_is_not_silently_treated_as_its_base():
-    with pytest.raises(ValueError, match=r"LinearWithExtra\): \['gate'\]"):
-        ldp.make_private(nn.Sequential(LinearWithExtra()))
-    ldp.make_private(nn.Sequential(LinearWithExtra()), fallback=True)  # accepted when asked
+    model = ldp.make_private(nn.Sequential(LinearWithExtra()))
+    with pytest.raises(ValueError, match=r"LinearWithExtra\) uses its parameter 'gate'"):
+        model(torch.randn(2, 3))
+    model = ldp.make_private(nn.Sequential(LinearWithExtra()), fallback=True)  # accepted when asked
+    model(torch.randn(2, 3)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_frozen_module_without_a_rule_costs_nothing():

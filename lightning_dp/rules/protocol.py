@@ -1,0 +1,76 @@
+"""The contract between the DP primitives (``rules/``) and the clipping engine (``engine/``).
+
+A primitive (an ``autograd.Function`` for linear, embedding, conv, elementwise affine...) talks
+to the engine only through a :class:`CallSite`: in forward it announces a call and has its
+input checked against the forward's examples (:meth:`CallSite.enter`); in backward it hands
+over a :class:`GradUse`, the factors from which this call's per-example parameter gradients can
+be normed and clipped. Both packages import this module and ``rules/`` never imports
+``engine/``, so the dependency runs one way: engine -> rules -> protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+class GradUse:
+    """Per-example gradient factors of one call of a DP primitive.
+
+    ``params`` maps a *role* the primitive knows (``"weight"``, ``"bias"``) to the parameter
+    tensor; ``names`` maps each role to the parameter's name in the calling module (they differ
+    when a module's own forward calls e.g. ``F.linear(x, self.w_in)``).
+    """
+
+    def __init__(self, params: dict[str, Tensor], batch_size: int) -> None:
+        self.params = params
+        self.batch_size = batch_size
+        self.names: dict[str, str] = {role: role for role in params}
+
+    def norm_sq(self, name: str) -> Tensor:
+        """Per-example squared L2 norm of parameter ``name``'s gradient, float32, shape [B]."""
+        return upcast(self.per_example(name)).pow(2).flatten(1).sum(1)
+
+    def per_example(self, name: str) -> Tensor:
+        """Per-example gradients of ``name``, shape [B, *param.shape] (used for shared params)."""
+        raise NotImplementedError
+
+    def clipped_grad(self, name: str, scale: Tensor) -> Tensor:
+        """``sum_i scale[i] * G_i`` for parameter ``name``; rows with scale 0 must add exactly 0,
+        even where their factors are not finite."""
+        raise NotImplementedError
+
+
+class EngineOptions(Protocol):
+    """Settings that change speed only (see ``engine.clipper.EngineOptions``)."""
+
+    norm_method: str
+
+
+class CallSite(Protocol):
+    """What a DP primitive needs from the engine for one private module."""
+
+    path: str
+
+    @property
+    def options(self) -> EngineOptions: ...
+
+    def enter(self, x: Tensor, dim: int = 0) -> Tensor:
+        """Announce one primitive call whose input ``x`` carries the examples along ``dim``.
+
+        Returns ``x`` when it holds one row per example of the current forward, ``x`` expanded
+        to the batch when it holds one row shared by every example (e.g. position ids of shape
+        [1, T]), and raises when its rows cannot be mapped to examples.
+        """
+        ...
+
+    def record(self, use: GradUse) -> dict[str, Tensor] | None:
+        """Hand over one call's gradient factors (eager: None; compiled: the clipped grads)."""
+        ...
+
+
+def upcast(tensor: Tensor) -> Tensor:
+    """At least float32, for norm accumulation under bf16/fp16 (float64 stays float64)."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
