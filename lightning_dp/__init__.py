@@ -1,5 +1,6 @@
 """Differentially private training for PyTorch Lightning."""
 
+import lightning_dp.losses  # noqa: F401  (per-example losses, e.g. sequence_cross_entropy)
 from lightning_dp import strategies  # noqa: F401  (registers "dp" in Lightning's StrategyRegistry)
 from lightning_dp.callbacks import PrivacyAccountant, PrivacyReport
 from lightning_dp.compiling import compile

@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.text import Perplexity
 
+from lightning_dp.losses import sequence_cross_entropy
+
 DEFAULT_DIR = "/usr/share/games/fortunes"
 BOS, EOS, PAD = 256, 257, 258
 VOCAB = 259
@@ -126,8 +128,9 @@ class TinyGPT(L.LightningModule):
         rows = batch[0]
         logits = self(rows[:, :-1])
         targets = rows[:, 1:]
-        losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=PAD, reduction="none")
-        return losses.sum(1) / (targets != PAD).sum(1).clamp(min=1)  # one loss per fortune
+        # one loss per fortune: its mean over its own tokens (a mean over the batch's tokens
+        # would make each fortune's gradient depend on the others)
+        return sequence_cross_entropy(logits, targets, ignore_index=PAD)
 
     def validation_step(self, batch: tuple[Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_perplexity)
