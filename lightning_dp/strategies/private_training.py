@@ -139,6 +139,11 @@ class PrivateTraining:
 
     # -- data ----------------------------------------------------------------------------
     def make_sampler(self, num_samples: int, sample_rate: float, rank: int, world_size: int) -> PoissonBatchSampler:
+        """This run's Poisson sampler. A rebuilt one (``reload_dataloaders_every_n_epochs``, a
+        second ``fit``) continues the run's stream after the batches trained on, and the first
+        one of a resumed run continues the checkpoint's: restarting a seeded stream would train
+        on the same batches again while the ledger charges independent ones."""
+        previous = self.sampler
         seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         if self.privacy.secure_mode:
             seed = None
@@ -147,9 +152,24 @@ class PrivateTraining:
             secure_mode=self.privacy.secure_mode,
         )
         self.num_samples, self.sample_rate = num_samples, sample_rate
-        if self._pending_state is not None and self._pending_state.get("sampler") is not None:
+        if previous is not None:
+            self.sampler.load_state_dict(self._continued_stream(previous))
+        elif self._pending_state is not None and self._pending_state.get("sampler") is not None:
             self.sampler.load_state_dict(self._pending_state["sampler"])
         return self.sampler
+
+    def _continued_stream(self, previous: PoissonBatchSampler) -> dict[str, Any]:
+        """The previous sampler's stream, just after the batches trained on (one per ledger
+        step; batches a loader prefetched beyond them are drawn again), for the new sampler."""
+        try:
+            state = previous.state_dict(consumed=self.ledger.steps)
+        except ValueError:  # steps not drawn from this stream: continue after all it drew
+            state = previous.state_dict()
+        new = self.sampler.state_dict()
+        if any(state[key] != new[key] for key in ("num_samples", "sample_rate", "rank", "world_size")):
+            # a different dataset or rank layout: same seed, next stream index, a fresh pass
+            state = {**new, "seed": state["seed"], "next_batch": state["next_batch"], "position": 0}
+        return state
 
     @property
     def expected_batch_size(self) -> float:
