@@ -13,6 +13,7 @@ from lightning_dp.rules import (  # noqa: F401  (importing registers the rules)
     layer_norm,
     linear,
     mha,
+    recurrent,
     rms_norm,
 )
 from lightning_dp.rules.base import GradUse, Rule

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_dp.rules.base import GradUse, Rule, weighted_sum
@@ -39,8 +40,8 @@ class FallbackUse(GradUse):
 class _Call:
     """One call of a fallback module: its inputs, output gradients, and how to recompute."""
 
-    def __init__(self, site, names: list[str], args: tuple, kwargs: dict) -> None:
-        self.site, self.names = site, names
+    def __init__(self, site, names: list[str], args: tuple, kwargs: dict, vectorized: bool) -> None:
+        self.site, self.names, self.vectorized = site, names, vectorized
         self.inputs, self.input_spec = tree_flatten((args, kwargs))
         self.inputs = [t.detach() if isinstance(t, Tensor) else t for t in self.inputs]
         #: per input leaf: the dim that indexes examples, or None for inputs every example shares
@@ -76,9 +77,18 @@ class _Call:
             return pullback(output_grads)[0]
 
         with site.clipper.disabled(), torch.enable_grad():
-            return vmap(one_example, in_dims=(dims, tuple(self.output_dims)), randomness="different")(
-                tensors, self.output_grads
-            )
+            if self.vectorized:
+                return vmap(one_example, in_dims=(dims, tuple(self.output_dims)), randomness="different")(
+                    tensors, self.output_grads
+                )
+            per_example = [
+                one_example(
+                    [t.select(d, i) for t, d in zip(tensors, dims)],
+                    tuple(g.select(d, i) for g, d in zip(self.output_grads, self.output_dims)),
+                )
+                for i in range(self.batch_size)
+            ]
+            return {n: torch.stack([grads[n] for grads in per_example]) for n in params}
 
 
 class _ParamTap(torch.autograd.Function):
@@ -119,15 +129,12 @@ class _OutputTap(torch.autograd.Function):
         return (None,) + grads
 
 
-def _get_owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
-    *path, leaf = name.split(".")
-    for part in path:
-        module = getattr(module, part)
-    return module, leaf
-
-
 class FuncFallbackRule(Rule):
     """Per-example gradients of a module's own parameters by ``vmap`` + ``vjp`` recomputation."""
+
+    #: Recompute all examples at once under ``vmap``; False loops over them (for kernels such
+    #: as the fused recurrent ones that have no batching rule).
+    vectorized = True
 
     def __init__(self, covers_subtree: bool = False) -> None:
         self.covers_subtree = covers_subtree
@@ -147,17 +154,13 @@ class FuncFallbackRule(Rule):
     def forward(self, site, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         site.announce()
         names = list(site.param_keys)
-        call = _Call(site, names, args, kwargs)
+        call = _Call(site, names, args, kwargs, self.vectorized)
         params = [module.get_parameter(n) for n in names]
         tapped = _ParamTap.apply(call, *params)
-        owners = [_get_owner(module, n) for n in names]
-        for (owner, leaf), t in zip(owners, tapped):
-            owner._parameters[leaf] = t  # the forward below sees the tapped tensors
-        try:
+        # the forward below sees the tapped tensors (set as functional_call does, so that modules
+        # caching their parameters, like nn.LSTM's flat weights, see them too)
+        with _reparametrize_module(module, dict(zip(names, tapped))):
             out = site.original_forward(*args, **kwargs)
-        finally:
-            for (owner, leaf), p in zip(owners, params):
-                owner._parameters[leaf] = p
         leaves, spec = tree_flatten(out)
         positions = [i for i, o in enumerate(leaves) if isinstance(o, Tensor) and o.requires_grad]
         in_dims, out_dims = self.example_dims(module, call.inputs, [leaves[i] for i in positions])

@@ -182,7 +182,17 @@ def _group_norm(
     return affine(mode.site, xhat, weight, bias, channel_dim=1, names=names)
 
 
+def _getitem(mode: _RouteOps, tensor: Tensor, index: Any):
+    """``self.weight[ids]`` with an integer index tensor is an embedding lookup."""
+    names = mode.names(weight=tensor)
+    if names is None or not (isinstance(index, Tensor) and not index.is_floating_point()
+                             and index.dtype != torch.bool):
+        return NotImplemented
+    return embedding(mode.site, index, tensor, names=names)
+
+
 _ROUTES = {
+    Tensor.__getitem__: _getitem,
     F.linear: _linear,
     F.embedding: _embedding,
     torch.conv1d: _conv,

@@ -1,0 +1,225 @@
+"""Models nobody here wrote, built from tiny configs (no download) and called the way their
+documentation calls them: default position ids, attention masks with padding."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+HAS_PEFT = importlib.util.find_spec("peft") is not None
+
+BATCH, SEQ, VOCAB = 3, 6, 40
+
+
+@dataclass
+class ZooCase:
+    name: str
+    build: Callable[[], nn.Module]
+    batch: Callable[[], dict[str, Tensor]]
+    output: Callable[[nn.Module, dict[str, Tensor]], Tensor]
+    fallback: bool = False
+    needs: tuple[str, ...] = ("transformers",)
+    #: parameters to freeze (name prefixes or substrings) before making the model private
+    freeze: tuple[str, ...] = ()
+    #: the refusal expected instead of exact gradients (a regex on the error)
+    refused: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """Sum over examples of a fixed nonlinear readout of every output position."""
+        out = self.output(model, batch)
+        return (out.tanh() + 0.5 * out.pow(2)).sum()
+
+
+def _ids(seed: int = 1) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (BATCH, SEQ), generator=g)
+
+
+def _mask() -> Tensor:
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    mask[1, -2:] = 0  # right padding on one example
+    mask[2, -1:] = 0
+    return mask
+
+
+def _text() -> dict[str, Tensor]:
+    return {"input_ids": _ids(), "attention_mask": _mask()}
+
+
+def _seq2seq() -> dict[str, Tensor]:
+    return {**_text(), "decoder_input_ids": _ids(2)[:, :4]}
+
+
+def _logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    return model(**batch).logits
+
+
+def _hf(config_name: str, model_name: str, **config: object) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import transformers
+
+        cfg = getattr(transformers, config_name)(**config)
+        return getattr(transformers, model_name)(cfg)
+
+    return build
+
+
+_DECODER = dict(
+    vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, head_dim=8,
+)
+
+
+def _lora(base: Callable[[], nn.Module], targets: list[str]) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        model = base()
+        return get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=targets, lora_dropout=0.0))
+
+    return build
+
+
+class Recurrent(nn.Module):
+    """An embedding, a recurrent layer and a head on the last state."""
+
+    def __init__(self, kind: type[nn.RNNBase], batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Embedding(VOCAB, 6)
+        self.rnn = kind(6, 5, num_layers=2, batch_first=batch_first, bidirectional=True)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        x = self.embed(input_ids)
+        out, _ = self.rnn(x if self.batch_first else x.transpose(0, 1))
+        return self.head(out if self.batch_first else out.transpose(0, 1))
+
+
+class ScaledLinear(nn.Linear):
+    """A user's subclass that overrides forward: training must compute this, not nn.Linear."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x * 2.0, self.weight, self.bias).tanh()
+
+
+class Gated(nn.Module):
+    """A custom module calling F.linear on its own parameters, twice."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(8, d) / d**0.5)
+        self.w_gate = nn.Parameter(torch.randn(8, d) / d**0.5)
+        self.b = nn.Parameter(torch.zeros(8))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.w_in, self.b) * torch.sigmoid(F.linear(x, self.w_gate))
+
+
+def _plain(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    return model(**batch)
+
+
+def _floats() -> dict[str, Tensor]:
+    return {"x": torch.randn(BATCH, 4, 6, generator=torch.Generator().manual_seed(3))}
+
+
+ZOO = [
+    ZooCase("gpt2", _hf("GPT2Config", "GPT2LMHeadModel", vocab_size=VOCAB, n_embd=16, n_layer=2,
+                        n_head=2, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+            _text, _logits),
+    ZooCase("bert", _hf("BertConfig", "BertForSequenceClassification", vocab_size=VOCAB,
+                        hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=24, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, max_position_embeddings=32, num_labels=3),
+            _text, _logits),
+    ZooCase("distilbert", _hf("DistilBertConfig", "DistilBertForSequenceClassification",
+                              vocab_size=VOCAB, dim=16, n_layers=2, n_heads=2, hidden_dim=24,
+                              dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0,
+                              max_position_embeddings=32, num_labels=3),
+            _text, _logits),
+    ZooCase("roberta", _hf("RobertaConfig", "RobertaForSequenceClassification", vocab_size=VOCAB,
+                           hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=24, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0, max_position_embeddings=32,
+                           num_labels=3),
+            _text, _logits),
+    ZooCase("vit", _hf("ViTConfig", "ViTForImageClassification", image_size=8, patch_size=4,
+                       num_channels=3, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=24, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0, num_labels=3),
+            lambda: {"pixel_values": torch.randn(BATCH, 3, 8, 8, generator=torch.Generator().manual_seed(4))},
+            _logits, fallback=True),
+    ZooCase("llama", _hf("LlamaConfig", "LlamaForCausalLM", **_DECODER), _text, _logits, fallback=True),
+    ZooCase("qwen2_tied", _hf("Qwen2Config", "Qwen2ForCausalLM", tie_word_embeddings=True, **_DECODER),
+            _text, _logits, fallback=True),
+    ZooCase("gemma3", _hf("Gemma3TextConfig", "Gemma3ForCausalLM", sliding_window=4, **_DECODER),
+            _text, _logits, fallback=True),
+    ZooCase("t5", _hf("T5Config", "T5ForConditionalGeneration", vocab_size=VOCAB, d_model=16, d_kv=8,
+                      d_ff=24, num_layers=1, num_heads=2, dropout_rate=0.0),
+            _seq2seq, _logits, fallback=True, refused=r"relative_attention_bias.*freeze"),
+    ZooCase("t5_bias_frozen", _hf("T5Config", "T5ForConditionalGeneration", vocab_size=VOCAB,
+                                  d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2,
+                                  dropout_rate=0.0),
+            _seq2seq, _logits, fallback=True, freeze=("relative_attention_bias",)),
+    ZooCase("bart", _hf("BartConfig", "BartForConditionalGeneration", vocab_size=VOCAB, d_model=16,
+                        encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24,
+                        max_position_embeddings=32, dropout=0.0, attention_dropout=0.0,
+                        activation_dropout=0.0),
+            _seq2seq, _logits),
+    ZooCase("whisper", _hf("WhisperConfig", "WhisperForConditionalGeneration", vocab_size=VOCAB,
+                           num_mel_bins=4, d_model=16, encoder_layers=1, decoder_layers=1,
+                           encoder_attention_heads=2, decoder_attention_heads=2,
+                           encoder_ffn_dim=24, decoder_ffn_dim=24, max_source_positions=4,
+                           max_target_positions=16, dropout=0.0, attention_dropout=0.0,
+                           activation_dropout=0.0, decoder_start_token_id=1, pad_token_id=0),
+            lambda: {"input_features": torch.randn(BATCH, 4, 8, generator=torch.Generator().manual_seed(5)),
+                     "decoder_input_ids": _ids(6)[:, :4]},
+            _logits),
+    ZooCase("lora_gpt2", _lora(_hf("GPT2Config", "GPT2LMHeadModel", vocab_size=VOCAB, n_embd=16,
+                                   n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.0,
+                                   embd_pdrop=0.0, attn_pdrop=0.0), ["c_attn", "c_proj"]),
+            _text, _logits, needs=("transformers", "peft")),
+    ZooCase("lora_llama", _lora(_hf("LlamaConfig", "LlamaForCausalLM", **_DECODER),
+                                ["q_proj", "v_proj", "down_proj"]),
+            _text, _logits, needs=("transformers", "peft")),
+    ZooCase("lstm", lambda: Recurrent(nn.LSTM, batch_first=True), lambda: {"input_ids": _ids()},
+            _plain, needs=()),
+    ZooCase("gru_time_major", lambda: Recurrent(nn.GRU, batch_first=False),
+            lambda: {"input_ids": _ids()}, _plain, needs=()),
+    ZooCase("rnn", lambda: Recurrent(nn.RNN, batch_first=True), lambda: {"input_ids": _ids()},
+            _plain, needs=()),
+    ZooCase("linear_subclass", lambda: nn.Sequential(ScaledLinear(6, 5), nn.Linear(5, 2)), _floats,
+            lambda m, b: m(b["x"]), needs=()),
+    ZooCase("custom_f_linear", lambda: nn.Sequential(Gated(), nn.Linear(8, 2)), _floats,
+            lambda m, b: m(b["x"]), needs=()),
+]
+
+
+def available(case: ZooCase) -> bool:
+    return all({"transformers": HAS_TRANSFORMERS, "peft": HAS_PEFT}[n] for n in case.needs)
+
+
+def build(case: ZooCase) -> tuple[nn.Module, dict[str, Tensor]]:
+    """The case's model in float64, its trainable parameters chosen, and its batch."""
+    torch.manual_seed(0)
+    model = case.build().double()
+    for name, p in model.named_parameters():
+        if any(f in name for f in case.freeze):
+            p.requires_grad_(False)
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in case.batch().items()}
+    return model, batch
+
+
+def split(batch: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+    """One-example batches, each with its own rows of every input (its own padding mask)."""
+    size = next(iter(batch.values())).shape[0]
+    return [{k: v[i : i + 1] for k, v in batch.items()} for i in range(size)]
