@@ -9,6 +9,7 @@ micro-batch is moved, so device memory is bounded by the physical batch.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -19,11 +20,14 @@ from torch.utils.data import DataLoader
 
 from lightning_dp.data.microbatch import pad_batch
 from lightning_dp.engine import clipper_of
+from lightning_dp.strategies.checkpoints import (
+    CHECKPOINT_KEY,
+    read_checkpoint,
+    refuse_resume_without_privacy_state,
+)
 from lightning_dp.strategies.loss import empty_loss, summed_loss
 from lightning_dp.strategies.poisson_loader import poisson_dataloader, sample_rate_of
 from lightning_dp.strategies.private_training import PrivateTraining, batch_size_of, split_batch
-
-CHECKPOINT_KEY = "lightning_dp"
 
 
 class PrivateStepMixin:
@@ -120,7 +124,9 @@ class PrivateStepMixin:
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
+        checkpoint = read_checkpoint(partial(super().load_checkpoint, checkpoint_path, *args, **kwargs), checkpoint_path)
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        refuse_resume_without_privacy_state(checkpoint, checkpoint_path, trainer)
         saved = checkpoint.get(CHECKPOINT_KEY)
         if saved is not None:
             states = saved["ranks"]
