@@ -26,6 +26,7 @@ from lightning_dp.strategies.checkpoints import (
     refuse_resume_without_privacy_state,
 )
 from lightning_dp.strategies.loss import empty_loss, summed_loss
+from lightning_dp.strategies.optimizers import evaluated_once, refuse_multi_evaluation_optimizer
 from lightning_dp.strategies.poisson_loader import poisson_dataloader, sample_rate_of
 from lightning_dp.strategies.private_training import PrivateTraining, batch_size_of, split_batch
 
@@ -94,6 +95,7 @@ class PrivateStepMixin:
         return {**output, "loss": summed} if isinstance(output, dict) else summed
 
     def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        refuse_multi_evaluation_optimizer(optimizer)  # before anything is computed or released
         def private_closure() -> Any:
             result = closure()  # first micro-batch: training_step, zero_grad, backward
             rest, step_kwargs = getattr(self, "_step_args", ((), {}))
@@ -112,7 +114,7 @@ class PrivateStepMixin:
             self.private.noise_and_normalize(self.lightning_module, rank, self.root_device, self.sum_across_ranks)
             return result
 
-        return super().optimizer_step(optimizer, private_closure, model, **kwargs)
+        return super().optimizer_step(optimizer, evaluated_once(private_closure, optimizer), model, **kwargs)
 
     # -- checkpoints: every rank's sampler and noise streams, the ledger -----------------
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
