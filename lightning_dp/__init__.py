@@ -6,9 +6,11 @@ from lightning_dp.callbacks import PrivacyAccountant, PrivacyReport
 from lightning_dp.compiling import compile
 from lightning_dp.engine import (
     PrivacyLeakError,
+    SelfCheckError,
     group_norms,
     group_thresholds,
     make_private,
+    self_check,
     sensitivity,
     strip_private,
 )
@@ -22,6 +24,7 @@ __all__ = [
     "PrivacyAccountant",
     "PrivacyLeakError",
     "PrivacyReport",
+    "SelfCheckError",
     "compile",
     "export",
     "group_norms",
@@ -29,6 +32,7 @@ __all__ = [
     "make_private",
     "privacy_card",
     "rules",
+    "self_check",
     "sensitivity",
     "strip_private",
 ]

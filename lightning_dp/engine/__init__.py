@@ -8,9 +8,11 @@ from lightning_dp.engine.make_private import (
     group_thresholds,
     is_private,
     make_private,
+    planned_parameters,
     sensitivity,
     strip_private,
 )
+from lightning_dp.engine.self_check import SelfCheckError, SelfCheckReport, self_check
 
 __all__ = [
     "Clipper",
@@ -22,6 +24,10 @@ __all__ = [
     "group_thresholds",
     "is_private",
     "make_private",
+    "planned_parameters",
+    "self_check",
+    "SelfCheckError",
+    "SelfCheckReport",
     "sensitivity",
     "strip_private",
 ]

@@ -178,6 +178,11 @@ def is_private(model: nn.Module) -> bool:
     return hasattr(model, _STATE)
 
 
+def planned_parameters(model: nn.Module) -> dict[str, Tensor]:
+    """The parameters the clipper writes: those trainable when the model was made private."""
+    return _state(model).params
+
+
 def clipper_of(model: nn.Module) -> Clipper:
     return _state(model).clipper
 

@@ -66,6 +66,10 @@ class DPStrategy(PrivateStepMixin, SingleDeviceStrategy):
             (default: a multiple of 8 above the expected batch size) so that Poisson batch
             sizes never recompile, and padding rows are clipped to exactly zero. The first step
             runs eagerly, with the leak guard that compiled graphs cannot carry.
+        self_check: before the first step (and after the trainable parameters change), compare
+            the engine's per-example group norms on a few examples of the first micro-batch with
+            single-example passes of ``training_step`` (dropout off), and refuse to train if
+            they differ (``lightning_dp.self_check``). Costs a few extra passes, once.
         device: the device; None takes the accelerator's.
     """
 
@@ -92,6 +96,7 @@ class DPStrategy(PrivateStepMixin, SingleDeviceStrategy):
         norm_method: NormMethod = "auto",
         fallback: bool = False,
         compile: bool = False,
+        self_check: bool = True,
         device: str | torch.device | None = None,
         accelerator: Any = None,
         checkpoint_io: Any = None,
@@ -111,6 +116,7 @@ class DPStrategy(PrivateStepMixin, SingleDeviceStrategy):
             SpeedSettings(max_physical_batch_size, norm_method, fallback, compile),
             seed,
             loss_reduction,
+            self_check,
         )
 
     @property

@@ -70,6 +70,9 @@ class DPFSDPStrategy(PrivateStepMixin, ModelParallelStrategy):
             graph pass, FSDP's hooks left outside the graphs; root units run eagerly. Clipping
             groups must stay inside one unit (true of ``"unit"`` and ``"layer"``).
         save_distributed_checkpoint: sharded (True) or full (False) checkpoints.
+        self_check: not yet available under FSDP (its gradients are reduce-scattered inside the
+            backward, which single-example reference passes would disturb); True is refused.
+            Check the model with ``strategy="dp"`` or ``lightning_dp.self_check`` on one device.
     """
 
     strategy_name = "dp_fsdp"
@@ -95,12 +98,19 @@ class DPFSDPStrategy(PrivateStepMixin, ModelParallelStrategy):
         norm_method: NormMethod = "auto",
         fallback: bool = False,
         compile: bool = False,
+        self_check: bool = False,
         block_types: list[type[nn.Module]] | None = None,
         mp_policy: MixedPrecisionPolicy | None = None,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
+        if self_check:
+            raise ValueError(
+                "dp_fsdp: self_check=True is not available yet under FSDP; run "
+                "lightning_dp.self_check(make_private(model), loss_fn, batch) on one device, or "
+                "train a few steps with strategy='dp', to verify the model."
+            )
         if clipping == "flat":
             raise ValueError(
                 "dp_fsdp: clipping='flat' needs every unit's per-example norm before any unit's "
@@ -122,6 +132,7 @@ class DPFSDPStrategy(PrivateStepMixin, ModelParallelStrategy):
             SpeedSettings(max_physical_batch_size, norm_method, fallback, compile),
             seed,
             loss_reduction,
+            self_check,
         )
         self.block_types, self.mp_policy = block_types, mp_policy
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from lightning_dp.data.microbatch import pad_batch
 from lightning_dp.engine import clipper_of
+from lightning_dp.engine.self_check import self_check
 from lightning_dp.strategies.checkpoints import (
     CHECKPOINT_KEY,
     read_checkpoint,
@@ -85,14 +86,31 @@ class PrivateStepMixin:
         return self._micro_step(first, rest, kwargs)
 
     def _micro_step(self, micro_batch: Any, rest: tuple, kwargs: dict) -> Any:
+        module = self.lightning_module
+        self.private.follow_trainable_parameters(module)
+        if self.private.pending_self_check and batch_size_of(micro_batch) > 0:
+            self._self_check(super().batch_to_device(micro_batch), rest, kwargs)
         if self.private.speed.compile:  # one shape for the compiled model; padding clipped to 0
-            clipper_of(self.lightning_module).real_rows = batch_size_of(micro_batch)
+            clipper_of(module).real_rows = batch_size_of(micro_batch)
             micro_batch, _ = pad_batch(micro_batch, self.private.speed.max_physical_batch_size)
         micro_batch = super().batch_to_device(micro_batch)
+        with clipper_of(module).pinned_examples(batch_size_of(micro_batch)):
+            output, summed = self._summed_training_loss(micro_batch, rest, kwargs)
+        return {**output, "loss": summed} if isinstance(output, dict) else summed
+
+    def _summed_training_loss(self, micro_batch: Any, rest: tuple, kwargs: dict) -> tuple[Any, Any]:
+        """``training_step``'s output, and the sum over examples of the loss it returned."""
         output = super().training_step(micro_batch, *rest, **kwargs)
         loss = output["loss"] if isinstance(output, dict) else output
-        summed = summed_loss(loss, batch_size_of(micro_batch), self.private.loss_reduction)
-        return {**output, "loss": summed} if isinstance(output, dict) else summed
+        return output, summed_loss(loss, batch_size_of(micro_batch), self.private.loss_reduction)
+
+    def _self_check(self, micro_batch: Any, rest: tuple, kwargs: dict) -> None:
+        """Before the first release: the engine's per-example norms against single-example
+        passes of the user's own ``training_step`` (``lightning_dp.self_check``)."""
+        self.private.pending_self_check = False
+        loss_fn = lambda _model, batch: self._summed_training_loss(batch, rest, kwargs)[1]  # noqa: E731
+        low_precision = "16" in str(getattr(self.precision_plugin, "precision", "32"))
+        self_check(self.lightning_module, loss_fn, micro_batch, rtol=5e-2 if low_precision else 1e-3)
 
     def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         refuse_multi_evaluation_optimizer(optimizer)  # before anything is computed or released
@@ -104,6 +122,7 @@ class PrivateStepMixin:
                 (output["loss"] if isinstance(output, dict) else output).backward()
             self._later_micro_batches = []
             clipper_of(self.lightning_module).real_rows = None
+            self.private.refuse_unclipped_gradients(self.lightning_module)
             if self.private.speed.compile and not self._compiled and clipper_of(self.lightning_module).stats:
                 # The first step that ran the model ran eagerly, where the leak guard sees any
                 # gradient that bypassed clipping (a compiled graph hands autograd clipped

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -25,7 +26,15 @@ from lightning_dp.accounting import (
 )
 from lightning_dp.accounting.adaptive import DEFAULT_COUNT_BUDGET_SHARE
 from lightning_dp.data import PoissonBatchSampler
-from lightning_dp.engine import clipper_of, is_private, make_private, sensitivity
+from lightning_dp.engine import (
+    PrivacyLeakError,
+    clipper_of,
+    is_private,
+    make_private,
+    planned_parameters,
+    sensitivity,
+    strip_private,
+)
 from lightning_dp.engine.clip_fns import ClipFn
 from lightning_dp.engine.make_private import ThresholdMode
 from lightning_dp.noise import add_noise_and_normalize, make_noise_generator
@@ -96,7 +105,14 @@ def split_batch(batch: Any, size: int | None) -> list[Any]:
 class PrivateTraining:
     """Owns the privacy engine of one training run: model rewrite, sampler, noise."""
 
-    def __init__(self, privacy: PrivacySettings, speed: SpeedSettings, seed: int | None, loss_reduction: LossReduction) -> None:
+    def __init__(
+        self,
+        privacy: PrivacySettings,
+        speed: SpeedSettings,
+        seed: int | None,
+        loss_reduction: LossReduction,
+        self_check: bool = True,
+    ) -> None:
         if privacy.noise_multiplier is not None and not (
             math.isfinite(privacy.noise_multiplier) and privacy.noise_multiplier >= 0
         ):
@@ -113,6 +129,9 @@ class PrivateTraining:
                 "OS entropy, and a known seed would make them reproducible. Drop the seed."
             )
         self.privacy, self.speed, self.seed, self.loss_reduction = privacy, speed, seed, loss_reduction
+        self.self_check = self_check
+        #: run ``lightning_dp.self_check`` on the next non-empty micro-batch (before it trains)
+        self.pending_self_check = self_check
         #: the adaptive thresholds' state (None with fixed thresholds)
         self.adaptive = _adaptive_thresholds(privacy)
         self.sampler: PoissonBatchSampler | None = None
@@ -136,6 +155,45 @@ class PrivateTraining:
             )
         if self.adaptive is not None:
             self.adaptive.attach(clipper_of(module))
+
+    def follow_trainable_parameters(self, module: nn.Module) -> None:
+        """Re-plan the clipping groups when parameters were frozen or unfrozen since setup
+        (``BackboneFinetuning``, a manual ``requires_grad_``): a newly trainable parameter joins
+        a clipping group (and the sensitivity) before it can receive a gradient."""
+        planned = {id(p) for p in planned_parameters(module).values()}
+        if planned == {id(p) for p in module.parameters() if p.requires_grad}:
+            return
+        if self.speed.compile or self.adaptive is not None:
+            raise ValueError(
+                "lightning-dp: the set of trainable parameters changed after setup, which "
+                f"{'compile=True' if self.speed.compile else 'adaptive thresholds'} cannot follow "
+                "(its graphs and per-group thresholds were built for the old groups). Freeze or "
+                "unfreeze before fit, or train with compile=False and thresholds='fixed'."
+            )
+        old = clipper_of(module)
+        strip_private(module)
+        self.make_private(module)
+        new = clipper_of(module)
+        new.require_prompt_finish = old.require_prompt_finish
+        self.pending_self_check = self.self_check
+        rank_zero_info(
+            f"lightning-dp: trainable parameters changed; clipping groups re-planned "
+            f"({len(new.groups)} groups, sensitivity {sensitivity(module):.4g})."
+        )
+
+    def refuse_unclipped_gradients(self, module: nn.Module) -> None:
+        """Before noise and the optimizer step: every parameter holding a gradient must be one
+        the clipper wrote (a parameter outside the plan would be released unclipped)."""
+        planned = {id(p) for p in planned_parameters(module).values()}
+        stray = [n for n, p in module.named_parameters() if p.grad is not None and id(p) not in planned]
+        if stray:
+            raise PrivacyLeakError(
+                f"lightning-dp: parameters {stray} hold gradients but are in no clipping group "
+                "(they became trainable after the step began, or their .grad was written by "
+                "hand); releasing them would not be private. Nothing was released. Change "
+                "requires_grad between steps (e.g. in on_train_epoch_start), not inside "
+                "training_step."
+            )
 
     # -- data ----------------------------------------------------------------------------
     def make_sampler(self, num_samples: int, sample_rate: float, rank: int, world_size: int) -> PoissonBatchSampler:

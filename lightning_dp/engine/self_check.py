@@ -1,0 +1,149 @@
+"""Trust, then verify: the engine's per-example norms against single-example backward passes.
+
+Every rule and routing decision rests on assumptions about the model (which rows are examples,
+what a module's forward computes) and about the loss (that example i's loss depends on example
+i alone). A mismatch in any of them shows up as a per-example group norm that differs from the
+norm of the gradient of that example's loss taken alone. ``self_check`` compares the two for a
+few examples of a real batch, dropout off in both, before a single noisy step is released.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from lightning_dp.engine.make_private import PrivacyLeakError, _state
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+class SelfCheckError(PrivacyLeakError):
+    """The engine's per-example norms disagree with single-example backward passes."""
+
+
+@dataclass
+class SelfCheckReport:
+    """Per group: the engine's norms and the single-example reference norms, examples checked."""
+
+    engine: dict[str, list[float]]
+    reference: dict[str, list[float]]
+    examples: int
+
+
+def self_check(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    *,
+    num_examples: int = 3,
+    rtol: float = 1e-3,
+) -> SelfCheckReport:
+    """Compare the per-example group norms of ``model`` (made private) on ``batch`` with the
+    norms of single-example gradients of the same loss; raise :class:`SelfCheckError` naming the
+    groups that disagree.
+
+    Args:
+        model: a model rewritten by ``make_private``.
+        loss_fn: ``loss_fn(model, batch)``: per-example losses of shape [B], or their sum.
+        batch: a batch whose tensors hold examples along dim 0 (others are passed whole).
+        num_examples: how many of the batch's first examples to check (all are in the engine
+            pass, so a loss that mixes examples shows).
+        rtol: relative tolerance on each norm (raise it under bf16/fp16).
+
+    Gradients already in ``.grad``, adaptive-threshold counts and module training flags are
+    left as they were. The model runs in eval mode for both passes (dropout off).
+    """
+    state = _state(model)
+    clipper = state.clipper
+    size = _batch_size(batch)
+    checked = min(num_examples, size)
+    params = dict(model.named_parameters())
+    with _quiet(model, state):
+        with clipper.pinned_examples(size):
+            _summed(loss_fn(model, batch)).backward()
+        engine = {g: s.norms[:checked].double().tolist() for g, s in clipper.stats.items()}
+        for p in params.values():
+            p.grad = None
+        reference: dict[str, list[float]] = {g: [] for g in clipper.groups}
+        with clipper.disabled():
+            for i in range(checked):
+                example = _example(batch, i, size)
+                loss = _summed(loss_fn(model, example))
+                wanted = [params[n] for g in clipper.groups.values() for n in g.params]
+                grads = torch.autograd.grad(loss, wanted, allow_unused=True)
+                by_name = dict(zip((n for g in clipper.groups.values() for n in g.params), grads))
+                for name, group in clipper.groups.items():
+                    total = sum(float(by_name[n].double().pow(2).sum()) for n in group.params if by_name[n] is not None)
+                    reference[name].append(math.sqrt(total))
+    _compare(engine, reference, rtol)
+    return SelfCheckReport(engine, reference, checked)
+
+
+def _compare(engine: dict[str, list[float]], reference: dict[str, list[float]], rtol: float) -> None:
+    scale = max([abs(v) for values in reference.values() for v in values if math.isfinite(v)] or [1.0])
+    atol = 1e-6 * scale
+    wrong = []
+    for group, ref in reference.items():
+        got = engine.get(group, [0.0] * len(ref))  # a group the batch never reached: norm 0
+        for i, (a, b) in enumerate(zip(got, ref)):
+            if not (math.isfinite(a) and math.isfinite(b)):
+                continue  # a non-finite example is zeroed by the clipper, not compared
+            if abs(a - b) > rtol * max(abs(a), abs(b)) + atol:
+                wrong.append(f"  {group!r}, example {i}: engine {a:.6g}, single-example pass {b:.6g}")
+    if wrong:
+        shown = "\n".join(wrong[:12]) + (f"\n  ... and {len(wrong) - 12} more" if len(wrong) > 12 else "")
+        raise SelfCheckError(
+            "lightning-dp self-check: the per-example gradient norms the engine computed differ "
+            "from backward passes of each example alone, so clipping would not bound each "
+            f"example's influence:\n{shown}\nLikely causes: the loss mixes examples (a mean over "
+            "the tokens of the whole batch, class weights, a masked mean: return per-example "
+            "losses, e.g. lightning_dp.losses.sequence_cross_entropy), or a module in these "
+            "groups reads inputs whose rows are not examples. Nothing was released. If you are "
+            "sure the difference is numerical, raise the tolerance or turn the check off "
+            "(self_check=False)."
+        )
+
+
+def _summed(loss: Tensor) -> Tensor:
+    return loss.sum() if loss.dim() > 0 else loss
+
+
+def _batch_size(batch: Any) -> int:
+    for leaf in tree_flatten(batch)[0]:
+        if isinstance(leaf, Tensor) and leaf.dim() > 0:
+            return leaf.shape[0]
+    raise ValueError("self_check: the batch holds no tensor with a batch dimension.")
+
+
+def _example(batch: Any, i: int, size: int) -> Any:
+    return tree_map(
+        lambda t: t[i : i + 1] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == size else t,
+        batch,
+    )
+
+
+@contextlib.contextmanager
+def _quiet(model: nn.Module, state: Any) -> Iterator[None]:
+    """Eval mode, and gradients, counts and stats as they were afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    grads = {p: p.grad for p in model.parameters()}
+    clipper = state.clipper
+    counts, stats = dict(clipper._counts), dict(clipper.stats)
+    for p in grads:
+        p.grad = None
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+        for p, grad in grads.items():
+            p.grad = grad
+        clipper._counts, clipper.stats = counts, stats
