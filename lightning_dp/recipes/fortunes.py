@@ -118,9 +118,7 @@ class TinyGPT(L.LightningModule):
         self.val_perplexity, self.test_perplexity = Perplexity(ignore_index=PAD), Perplexity(ignore_index=PAD)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        # positions get a batch dimension too: the engine reads dim 0 of every private
-        # module's input as the example index
-        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        positions = torch.arange(tokens.shape[1], device=tokens.device)[None]  # shared: [1, T]
         x = self.tokens(tokens) + self.positions(positions)
         return self.head(self.norm(self.blocks(x)))
 

@@ -54,3 +54,27 @@ def test_zoo_private_forward_equals_plain_forward(case):
         return
     want = case.output(model, batch)
     torch.testing.assert_close(case.output(private, batch), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("gpt2", "bert", "llama", "whisper", "lora_llama")])
+def test_zoo_under_bf16_autocast_stays_within_the_autocast_tolerance(case):
+    """The existing bf16 tolerance (tests/engine/test_mixed_precision.py): 5% of the largest
+    entry, against the float64 single-example loop."""
+    model, batch = build(case)
+    private = ldp.make_private(copy.deepcopy(model).float(), clipping="flat", fallback=case.fallback)
+    clipper = clipper_of(private)
+    grads = per_example_grads(model, split(batch), case.loss)
+    members = clipper.groups["flat"].params
+    threshold = median_threshold(grads, members)
+    clipper.groups["flat"].threshold = threshold
+    low = {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = case.loss(private, low)
+    loss.float().backward()
+    expected, ref_norms = clipped_sum(grads, {"flat": members}, {"flat": threshold})
+    assert max(ref_norms["flat"]) > threshold
+    norms = ldp.group_norms(private)["flat"]
+    torch.testing.assert_close(norms.double(), torch.tensor(ref_norms["flat"], dtype=torch.float64), rtol=0.05, atol=0.0)
+    got = torch.cat([p.grad.double().flatten() for n, p in private.named_parameters() if p.requires_grad])
+    want = torch.cat([expected[n].flatten() for n, p in private.named_parameters() if p.requires_grad])
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * float(want.abs().max()))
