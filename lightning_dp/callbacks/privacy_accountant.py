@@ -89,6 +89,7 @@ class PrivacyAccountant(Callback):
                 "training examples; such a delta allows releasing whole examples. Use e.g. "
                 f"delta={1 / (10 * n):.1g}."
             )
+        private.delta = self.delta  # the delta a refusal to retrain the model reports epsilon at
         self._use_accountant(private, n)
         q = private.accounted_sample_rate
         planned = trainer.estimated_stepping_batches

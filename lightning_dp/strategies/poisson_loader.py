@@ -5,9 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset
-from torch.utils.data._utils.collate import default_collate
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils._pytree import tree_map
+from torch.utils.data import (
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
+from torch.utils.data._utils.collate import default_collate
 
 from lightning_dp.data import PoissonBatchSampler
 
@@ -52,6 +61,35 @@ def sample_rate_of(dataloader: DataLoader) -> tuple[int, float]:
     if num_samples == 0:
         raise ValueError("The train dataset is empty; there is nothing to train on.")
     return num_samples, min(1.0, batch_size / num_samples)
+
+
+def warn_if_sampler_overridden(dataloader: DataLoader, sample_rate: float) -> None:
+    """Warn when Poisson sampling replaces a sampler that meant more than a random order.
+
+    ``shuffle=True`` (a plain ``RandomSampler``), the sequential default and the distributed
+    sampler Lightning injects lose nothing: Poisson batches are random. Any other sampler's
+    intent (weights, a subset, replacement, a custom order) is dropped, because the guarantee
+    rests on every example joining each batch independently with the same probability.
+    """
+    sampler = dataloader.sampler
+    if isinstance(sampler, DistributedSampler):  # Lightning wraps a user's sampler in one
+        sampler = getattr(getattr(sampler, "dataset", None), "_sampler", None)
+    if sampler is None or type(sampler) in (SequentialSampler, DistributedSampler):
+        return
+    if type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None:
+        return  # shuffle=True
+    what = {
+        WeightedRandomSampler: "its example weights are ignored (every example is sampled with "
+        "the same probability); to weight examples, weight their per-example losses",
+        SubsetRandomSampler: "its subset is ignored and examples outside it are trained on; pass "
+        "torch.utils.data.Subset(dataset, indices) as the dataset instead",
+    }.get(type(sampler), "its sampling (order, weights, subset or replacement) is ignored")
+    rank_zero_warn(
+        f"lightning-dp: the train dataloader's sampler is a {type(sampler).__name__}; it is "
+        f"replaced by Poisson sampling (each of the {len(dataloader.dataset)} examples joins "
+        f"every batch independently with probability q={sample_rate:.4g}), which the privacy "
+        f"guarantee rests on, so {what}."
+    )
 
 
 def poisson_dataloader(dataloader: DataLoader, sampler: PoissonBatchSampler) -> DataLoader:

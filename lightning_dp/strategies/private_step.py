@@ -28,7 +28,11 @@ from lightning_dp.strategies.checkpoints import (
 )
 from lightning_dp.strategies.loss import empty_loss, summed_loss
 from lightning_dp.strategies.optimizers import evaluated_once, refuse_multi_evaluation_optimizer
-from lightning_dp.strategies.poisson_loader import poisson_dataloader, sample_rate_of
+from lightning_dp.strategies.poisson_loader import (
+    poisson_dataloader,
+    sample_rate_of,
+    warn_if_sampler_overridden,
+)
 from lightning_dp.strategies.private_training import PrivateTraining, batch_size_of, split_batch
 
 
@@ -52,10 +56,16 @@ class PrivateStepMixin:
             self.private.num_samples, self.private.sample_rate = num_samples, sample_rate
             self.private.fix_physical_batch_size()
             return dataloader
+        warn_if_sampler_overridden(dataloader, sample_rate)
         rank, world_size = self.data_parallel_rank_and_size()
         sampler = self.private.make_sampler(num_samples, sample_rate, rank, world_size)
         self.private.fix_physical_batch_size(world_size)
         return poisson_dataloader(dataloader, sampler)
+
+    def on_train_start(self) -> None:
+        # after any checkpoint is restored: a model another Trainer trained privately is refused
+        self.private.claim(self.lightning_module)
+        super().on_train_start()
 
     def data_parallel_rank_and_size(self) -> tuple[int, int]:
         return self.global_rank, self.world_size

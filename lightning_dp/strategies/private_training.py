@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -40,6 +40,7 @@ from lightning_dp.engine.make_private import ThresholdMode
 from lightning_dp.noise import add_noise_and_normalize, make_noise_generator
 from lightning_dp.rules.linear import NormMethod
 from lightning_dp.strategies.loss import LossReduction
+from lightning_dp.strategies.ownership import claim
 from lightning_dp.thresholds import (
     DEFAULT_TARGET_QUANTILE,
     DEFAULT_THRESHOLD_LR,
@@ -128,7 +129,18 @@ class PrivateTraining:
                 f"seed={seed!r} with secure_mode=True: secure mode draws sampling and noise from "
                 "OS entropy, and a known seed would make them reproducible. Drop the seed."
             )
+        if privacy.noise_multiplier == 0:
+            rank_zero_warn(
+                "lightning-dp: noise_multiplier=0 adds no noise, so this training is NOT "
+                "differentially private (epsilon is infinite; clipping alone protects no example). "
+                "Use it only to debug; pass noise_multiplier > 0, or None with "
+                "PrivacyAccountant(target_epsilon=...)."
+            )
         self.privacy, self.speed, self.seed, self.loss_reduction = privacy, speed, seed, loss_reduction
+        #: the noise multiplier passed in (None: calibrated), to tell a resume that ignores it
+        self.requested_noise_multiplier = privacy.noise_multiplier
+        #: the delta epsilon is reported at (set by PrivacyAccountant)
+        self.delta: float | None = None
         self.self_check = self_check
         #: run ``lightning_dp.self_check`` on the next non-empty micro-batch (before it trains)
         self.pending_self_check = self_check
@@ -194,6 +206,11 @@ class PrivateTraining:
                 "requires_grad between steps (e.g. in on_train_epoch_start), not inside "
                 "training_step."
             )
+
+    def claim(self, module: nn.Module) -> None:
+        """Mark ``module`` as trained by this run; refused if another run already spent privacy
+        on it, unless this run resumed a checkpoint (``ownership.py``)."""
+        claim(self, module, resumed=self._pending_state is not None)
 
     # -- data ----------------------------------------------------------------------------
     def make_sampler(self, num_samples: int, sample_rate: float, rank: int, world_size: int) -> PoissonBatchSampler:
@@ -364,7 +381,15 @@ class PrivateTraining:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore; sampler and noise streams are applied when they are (re)built."""
-        self.privacy.noise_multiplier = state["noise_multiplier"]
+        requested, saved_sigma = self.requested_noise_multiplier, state["noise_multiplier"]
+        if requested is not None and requested != saved_sigma:
+            rank_zero_warn(
+                f"lightning-dp: noise_multiplier={requested!r} is ignored on resume; the run "
+                f"continues with the checkpoint's noise_multiplier={saved_sigma!r}, the one its "
+                "ledger was charged with. To train with another noise multiplier, start a new run "
+                "from the weights (load them into the model, no ckpt_path)."
+            )
+        self.privacy.noise_multiplier = saved_sigma
         saved = state.get("thresholds")
         if (saved is None) != (self.adaptive is None):
             raise ValueError(
