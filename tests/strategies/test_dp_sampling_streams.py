@@ -53,19 +53,31 @@ def test_reloaded_epochs_draw_new_batches_from_the_same_stream():
     torch.testing.assert_close(flat_params(model), flat_params(kept_model), rtol=0, atol=0)
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
+def _start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process: subprocess.Popen) -> tuple[int, str]:
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return process.returncode, stderr
 
 
 def test_sigkilled_run_under_reloads_resumes_to_the_uninterrupted_result(tmp_path):
     kill_at = 10  # mid-way through the third epoch (4 steps per epoch)
-    full = _run(str(tmp_path / "full.pt"), "full")
-    assert full.returncode == 0, full.stderr[-3000:]
-    killed = _run(str(tmp_path / "killed.pt"), "killed", str(tmp_path / "ckpt"), str(kill_at))
-    assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL
+    full = _start(str(tmp_path / "full.pt"), "full")  # the reference and the killed run in parallel
+    killed = _start(str(tmp_path / "killed.pt"), "killed", str(tmp_path / "ckpt"), str(kill_at))
+    code, stderr = _finish(full)
+    assert code == 0, stderr[-3000:]
+    code, stderr = _finish(killed)
+    assert code == -9, stderr[-3000:]  # SIGKILL
     checkpoint = next(p for p in (tmp_path / "ckpt").iterdir() if f"step={kill_at}." in p.name)
-    resumed = _run(str(tmp_path / "resumed.pt"), "resume", str(checkpoint))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    code, stderr = _finish(_start(str(tmp_path / "resumed.pt"), "resume", str(checkpoint)))
+    assert code == 0, stderr[-3000:]
 
     want = torch.load(tmp_path / "full.pt", weights_only=True)
     got = torch.load(tmp_path / "resumed.pt", weights_only=True)
