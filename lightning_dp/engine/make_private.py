@@ -50,8 +50,6 @@ class PrivateState:
     params: dict[str, Tensor]
     clipping: Any = None
     hooks: list[Any] = field(default_factory=list)
-    #: removes the root model's example-counting hook
-    root_hook: Any = None
 
     def guard(self) -> None:
         """Arm the leak guard on every trainable parameter."""
@@ -153,7 +151,7 @@ def make_private(
         _route_forward(site)
         state.sites.append(site)
     state.guard()
-    state.root_hook = model.register_forward_pre_hook(
+    model.register_forward_pre_hook(
         _CountExamples(clipper, batch_size_fn or first_batch_dim), with_kwargs=True
     )
     setattr(model, _STATE, state)
@@ -169,7 +167,11 @@ def strip_private(model: nn.Module) -> nn.Module:
             site.module.forward = site.original_forward
     for hook in state.hooks:
         hook.remove()
-    state.root_hook.remove()
+    # found by type rather than by handle: a deep copy of the model carries its own copy
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if isinstance(hook, _CountExamples):
+            del model._forward_pre_hooks[key]
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
     delattr(model, _STATE)
     return model
 
