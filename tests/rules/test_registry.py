@@ -32,7 +32,24 @@ FACTORIES = {
         lambda b: torch.randn(b, 3, 4),
     ),
     "Conv1D": (lambda: _gpt2_conv1d(), lambda b: torch.randn(b, 3, 4)),
+    "LSTM": (lambda: _Outputs(nn.LSTM(4, 3, batch_first=True)), lambda b: torch.randn(b, 3, 4)),
+    "GRU": (lambda: _Outputs(nn.GRU(4, 3, batch_first=True)), lambda b: torch.randn(b, 3, 4)),
+    "RNN": (lambda: _Outputs(nn.RNN(4, 3, batch_first=True)), lambda b: torch.randn(b, 3, 4)),
 }
+
+
+class _Outputs(nn.Module):
+    """A recurrent layer's outputs and final states, batch first (examples along dim 0)."""
+
+    def __init__(self, rnn: nn.RNNBase) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x):
+        out, state = self.rnn(x)
+        h = state[0] if isinstance(state, tuple) else state
+        out = out if self.rnn.batch_first else out.transpose(0, 1)
+        return out.sum(1) + h.transpose(0, 1).sum(1)
 
 
 class _SelfAttention(nn.Module):
