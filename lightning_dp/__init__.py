@@ -11,6 +11,7 @@ from lightning_dp.engine import (
     group_thresholds,
     make_private,
     self_check,
+    self_check_across_ranks,
     sensitivity,
     strip_private,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "privacy_card",
     "rules",
     "self_check",
+    "self_check_across_ranks",
     "sensitivity",
     "strip_private",
 ]

@@ -81,8 +81,31 @@ def count_collectives(rank: int, world_size: int, out: str) -> None:
     torch.save(counts, f"{out}/counts-rank{rank}.pt")
 
 
+def self_checks(rank: int, world_size: int, out: str) -> None:
+    """``self_check_across_ranks`` with examples on every rank, on rank 1 only, on none, and
+    with a loss that mixes examples (scaled by the batch's mean loss)."""
+    model = sharded_private_model(world_size, "unit")
+    per_example = lambda m, ids: per_example_loss(m, ids)  # noqa: E731
+    share = BATCH // world_size
+    mine = batch()[rank * share : (rank + 1) * share]
+    results = {
+        "every rank": ldp.self_check_across_ranks(model, per_example, mine),
+        "rank 1 only": ldp.self_check_across_ranks(model, per_example, mine if rank == 1 else mine[:0]),
+        "no rank": ldp.self_check_across_ranks(model, per_example, mine[:0]),
+    }
+    saved = {k: None if r is None else (r.engine, r.reference, r.examples) for k, r in results.items()}
+    mixing = lambda m, ids: per_example_loss(m, ids) * per_example_loss(m, ids).detach().mean()  # noqa: E731
+    try:
+        ldp.self_check_across_ranks(model, mixing, mine)
+        saved["mixing"] = "passed"
+    except ldp.SelfCheckError as error:
+        saved["mixing"] = str(error)
+    torch.save(saved, f"{out}/self-check-rank{rank}.pt")
+
+
 def all_engine_checks(rank: int, world_size: int, out: str, sigma: float, expected: float, steps: int) -> None:
     """One spawn for every engine-level FSDP check (process start-up dominates their cost)."""
+    self_checks(rank, world_size, out)
     clipped_sum_on_my_half(rank, world_size, ["unit", "layer", "unit-bf16"], out)
     count_collectives(rank, world_size, out)
     noise_on_zero_gradients(rank, world_size, sigma, expected, steps, out)

@@ -12,7 +12,12 @@ from lightning_dp.engine.make_private import (
     sensitivity,
     strip_private,
 )
-from lightning_dp.engine.self_check import SelfCheckError, SelfCheckReport, self_check
+from lightning_dp.engine.self_check import (
+    SelfCheckError,
+    SelfCheckReport,
+    self_check,
+    self_check_across_ranks,
+)
 
 __all__ = [
     "Clipper",
@@ -26,6 +31,7 @@ __all__ = [
     "make_private",
     "planned_parameters",
     "self_check",
+    "self_check_across_ranks",
     "SelfCheckError",
     "SelfCheckReport",
     "sensitivity",

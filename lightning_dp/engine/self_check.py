@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_dp.engine.make_private import PrivacyLeakError, _state
@@ -66,24 +68,91 @@ def self_check(
     checked = min(num_examples, size)
     params = dict(model.named_parameters())
     with _quiet(model, state):
-        with clipper.pinned_examples(size):
-            _summed(loss_fn(model, batch)).backward()
-        engine = {g: s.norms[:checked].double().tolist() for g, s in clipper.stats.items()}
-        for p in params.values():
-            p.grad = None
+        engine = _engine_norms(model, clipper, loss_fn, batch, size, checked)
         reference: dict[str, list[float]] = {g: [] for g in clipper.groups}
         with clipper.disabled():
             for i in range(checked):
-                example = _example(batch, i, size)
-                loss = _summed(loss_fn(model, example))
-                wanted = [params[n] for g in clipper.groups.values() for n in g.params]
-                grads = torch.autograd.grad(loss, wanted, allow_unused=True)
-                by_name = dict(zip((n for g in clipper.groups.values() for n in g.params), grads))
+                loss = _summed(loss_fn(model, _rows(batch, i, i + 1, size)))
+                names = [n for g in clipper.groups.values() for n in g.params]
+                grads = dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)))
                 for name, group in clipper.groups.items():
-                    total = sum(float(by_name[n].double().pow(2).sum()) for n in group.params if by_name[n] is not None)
+                    total = sum(float(grads[n].double().pow(2).sum()) for n in group.params if grads[n] is not None)
                     reference[name].append(math.sqrt(total))
     _compare(engine, reference, rtol)
     return SelfCheckReport(engine, reference, checked)
+
+
+def self_check_across_ranks(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    *,
+    group: dist.ProcessGroup | None = None,
+    num_examples: int = 3,
+    rtol: float = 1e-3,
+) -> SelfCheckReport | None:
+    """:func:`self_check` for a model sharded over the ranks of ``group`` (FSDP2): a collective
+    that every rank calls with its own micro-batch, possibly empty.
+
+    The first rank holding examples checks a few of them. Gradients are reduce-scattered inside
+    each backward, so a single-example reference pass runs on every rank at once: that rank's
+    example with its loss, every other rank an empty slice of its batch; the sharded gradients
+    then hold that one example's gradient, and each group's norm is summed from the shards over
+    the ranks. Every rank gets the same report, or raises the same :class:`SelfCheckError`.
+    Returns None (nothing checked) when no rank holds an example.
+    """
+    state = _state(model)
+    clipper = state.clipper
+    size = _batch_size(batch)
+    sizes = torch.zeros(dist.get_world_size(group), dtype=torch.long)
+    sizes[dist.get_rank(group)] = size
+    dist.all_reduce(sizes, group=group)
+    holders = sizes.nonzero().flatten().tolist()
+    if not holders:
+        return None
+    checks_here = dist.get_rank(group) == holders[0]
+    checked = min(num_examples, int(sizes[holders[0]]))
+    names = list(clipper.groups)
+    params = dict(model.named_parameters())
+    with _quiet(model, state):
+        mine = _engine_norms(model, clipper, loss_fn, batch, size, checked)
+        engine = torch.tensor(
+            [mine.get(g, [0.0] * checked) if checks_here else [0.0] * checked for g in names], dtype=torch.float64
+        ).reshape(len(names), checked)
+        dist.all_reduce(engine, group=group)  # only the checking rank's rows are non-zero
+        squares = torch.zeros(len(names), checked, dtype=torch.float64)
+        with clipper.disabled():
+            for i in range(checked):
+                for p in model.parameters():
+                    p.grad = None
+                example = _rows(batch, i, i + 1, size) if checks_here else _rows(batch, 0, 0, size)
+                loss = _summed(loss_fn(model, example))
+                (loss if checks_here else loss * 0).backward()
+                for index, name in enumerate(names):
+                    squares[index, i] = sum(_local_square_sum(params[n].grad) for n in clipper.groups[name].params)
+        dist.all_reduce(squares, group=group)
+    engine_norms = {g: engine[k].tolist() for k, g in enumerate(names)}
+    reference = {g: squares[k].sqrt().tolist() for k, g in enumerate(names)}
+    _compare(engine_norms, reference, rtol)
+    return SelfCheckReport(engine_norms, reference, checked)
+
+
+def _engine_norms(model: nn.Module, clipper: Any, loss_fn: LossFn, batch: Any, size: int, checked: int) -> dict[str, list[float]]:
+    """The engine's per-example group norms of the first ``checked`` examples, whole batch in."""
+    with clipper.pinned_examples(size):
+        _summed(loss_fn(model, batch)).backward()
+    engine = {g: s.norms[:checked].double().tolist() for g, s in clipper.stats.items()}
+    for p in model.parameters():
+        p.grad = None
+    return engine
+
+
+def _local_square_sum(grad: Tensor | None) -> float:
+    """This rank's part of ||grad||^2: its shard of a sharded gradient."""
+    if grad is None:
+        return 0.0
+    local = grad.to_local() if isinstance(grad, DTensor) else grad
+    return float(local.double().pow(2).sum())
 
 
 def _compare(engine: dict[str, list[float]], reference: dict[str, list[float]], rtol: float) -> None:
@@ -122,9 +191,10 @@ def _batch_size(batch: Any) -> int:
     raise ValueError("self_check: the batch holds no tensor with a batch dimension.")
 
 
-def _example(batch: Any, i: int, size: int) -> Any:
+def _rows(batch: Any, start: int, stop: int, size: int) -> Any:
+    """Examples ``start:stop`` of every tensor that holds the batch's examples along dim 0."""
     return tree_map(
-        lambda t: t[i : i + 1] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == size else t,
+        lambda t: t[start:stop] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == size else t,
         batch,
     )
 

@@ -29,6 +29,7 @@ from lightning_dp.compiling import compile_submodules
 from lightning_dp.engine import clipper_of
 from lightning_dp.engine.clip_fns import ClipFn
 from lightning_dp.engine.make_private import ThresholdMode
+from lightning_dp.engine.self_check import SelfCheckReport, self_check_across_ranks
 from lightning_dp.rules.linear import NormMethod
 from lightning_dp.strategies.dp import check_trainer_supports_dp
 from lightning_dp.strategies.fsdp_sharding import (
@@ -70,9 +71,10 @@ class DPFSDPStrategy(PrivateStepMixin, ModelParallelStrategy):
             graph pass, FSDP's hooks left outside the graphs; root units run eagerly. Clipping
             groups must stay inside one unit (true of ``"unit"`` and ``"layer"``).
         save_distributed_checkpoint: sharded (True) or full (False) checkpoints.
-        self_check: not yet available under FSDP (its gradients are reduce-scattered inside the
-            backward, which single-example reference passes would disturb); True is refused.
-            Check the model with ``strategy="dp"`` or ``lightning_dp.self_check`` on one device.
+        self_check: before the first step (and after the trainable parameters change), compare
+            the engine's per-example group norms of a few examples of the first rank holding
+            any with single-example passes of ``training_step`` run on every rank at once
+            (``lightning_dp.self_check_across_ranks``); refuse to train if they differ.
     """
 
     strategy_name = "dp_fsdp"
@@ -98,19 +100,13 @@ class DPFSDPStrategy(PrivateStepMixin, ModelParallelStrategy):
         norm_method: NormMethod = "auto",
         fallback: bool = False,
         compile: bool = False,
-        self_check: bool = False,
+        self_check: bool = True,
         block_types: list[type[nn.Module]] | None = None,
         mp_policy: MixedPrecisionPolicy | None = None,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
-        if self_check:
-            raise ValueError(
-                "dp_fsdp: self_check=True is not available yet under FSDP; run "
-                "lightning_dp.self_check(make_private(model), loss_fn, batch) on one device, or "
-                "train a few steps with strategy='dp', to verify the model."
-            )
         if clipping == "flat":
             raise ValueError(
                 "dp_fsdp: clipping='flat' needs every unit's per-example norm before any unit's "
@@ -168,6 +164,17 @@ class DPFSDPStrategy(PrivateStepMixin, ModelParallelStrategy):
     def compile_model(self) -> None:
         module = self.lightning_module
         compile_submodules(module, nested_units(module), dynamic=False)
+
+    @override
+    def run_self_check(self, loss_fn: Any, micro_batch: Any, rtol: float) -> SelfCheckReport | None:
+        """Collective: every rank joins each reference pass (FSDP's collectives run in them)."""
+        group = self.device_mesh["data_parallel"].get_group()
+        return self_check_across_ranks(self.lightning_module, loss_fn, micro_batch, group=group, rtol=rtol)
+
+    @override
+    def low_precision(self) -> bool:
+        compute = getattr(self.mp_policy, "param_dtype", None)
+        return super().low_precision() or compute in (torch.float16, torch.bfloat16)
 
     @override
     def data_parallel_rank_and_size(self) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from lightning_dp.data.microbatch import pad_batch
 from lightning_dp.engine import clipper_of
-from lightning_dp.engine.self_check import self_check
+from lightning_dp.engine.self_check import SelfCheckReport, self_check
 from lightning_dp.strategies.checkpoints import (
     CHECKPOINT_KEY,
     read_checkpoint,
@@ -98,7 +98,7 @@ class PrivateStepMixin:
     def _micro_step(self, micro_batch: Any, rest: tuple, kwargs: dict) -> Any:
         module = self.lightning_module
         self.private.follow_trainable_parameters(module)
-        if self.private.pending_self_check and batch_size_of(micro_batch) > 0:
+        if self.private.pending_self_check:
             self._self_check(super().batch_to_device(micro_batch), rest, kwargs)
         if self.private.speed.compile:  # one shape for the compiled model; padding clipped to 0
             clipper_of(module).real_rows = batch_size_of(micro_batch)
@@ -116,11 +116,22 @@ class PrivateStepMixin:
 
     def _self_check(self, micro_batch: Any, rest: tuple, kwargs: dict) -> None:
         """Before the first release: the engine's per-example norms against single-example
-        passes of the user's own ``training_step`` (``lightning_dp.self_check``)."""
-        self.private.pending_self_check = False
+        passes of the user's own ``training_step`` (``lightning_dp.self_check``). Stays pending
+        until a micro-batch holds examples."""
         loss_fn = lambda _model, batch: self._summed_training_loss(batch, rest, kwargs)[1]  # noqa: E731
-        low_precision = "16" in str(getattr(self.precision_plugin, "precision", "32"))
-        self_check(self.lightning_module, loss_fn, micro_batch, rtol=5e-2 if low_precision else 1e-3)
+        rtol = 5e-2 if self.low_precision() else 1e-3
+        self.private.pending_self_check = False  # a failed check raises: it is not retried
+        if self.run_self_check(loss_fn, micro_batch, rtol) is None:
+            self.private.pending_self_check = True
+
+    def run_self_check(self, loss_fn: Any, micro_batch: Any, rtol: float) -> SelfCheckReport | None:
+        """Check on this process's micro-batch; None when it holds no example."""
+        if batch_size_of(micro_batch) == 0:
+            return None
+        return self_check(self.lightning_module, loss_fn, micro_batch, rtol=rtol)
+
+    def low_precision(self) -> bool:
+        return "16" in str(getattr(self.precision_plugin, "precision", "32"))
 
     def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         refuse_multi_evaluation_optimizer(optimizer)  # before anything is computed or released

@@ -1,6 +1,9 @@
 """Trainer(strategy="dp_fsdp", devices=2) on CPU/gloo; Lightning re-runs this script per rank.
 
     python fsdp_trainer_run.py OUT_DIR MAX_STEPS sharded|full [CKPT_PATH] [--adaptive] [--compile]
+        [--mixing-loss]
+
+``--mixing-loss`` scales every example's loss by the batch's mean loss (examples mixed).
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from lightning_dp.engine.make_private import _state  # noqa: E402
 
 
 class LanguageModel(L.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, mixing_loss: bool = False) -> None:
         super().__init__()
         self.model = TinyTransformer()
+        self.mixing_loss = mixing_loss
 
     def training_step(self, batch, batch_idx):
-        return per_example_loss(self.model, batch[0])  # per-example losses
+        losses = per_example_loss(self.model, batch[0])  # per-example losses
+        return losses * losses.detach().mean() if self.mixing_loss else losses
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
@@ -52,7 +57,7 @@ def main() -> None:
         enable_model_summary=False,
         callbacks=[accountant, ModelCheckpoint(dirpath=f"{out}/ckpt", every_n_train_steps=3, save_top_k=-1)],
     )
-    module = LanguageModel()
+    module = LanguageModel(mixing_loss="--mixing-loss" in sys.argv)
     trainer.fit(module, DataLoader(data, batch_size=16), ckpt_path=ckpt)
     params = {n: p.full_tensor() for n, p in module.named_parameters()}
     private = trainer.strategy.private
@@ -72,6 +77,7 @@ def main() -> None:
                 "q": private.sample_rate,
                 "delta": accountant.delta,
                 "groups": sorted(lightning_dp.group_thresholds(module)),
+                "self_check_pending": private.pending_self_check,
                 "compiled_sites": sum(site.compiled for site in _state(module).sites),
             }, f)
 

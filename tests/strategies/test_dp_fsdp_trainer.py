@@ -28,6 +28,7 @@ def test_dp_fsdp_trains_logs_the_accountants_epsilon_and_resumes(tmp_path, layou
     full_dir.mkdir(), resumed_dir.mkdir()
     full = _run(full_dir, 6, layout)
     assert full["global_step"] == full["ledger_steps"] == 6
+    assert full["self_check_pending"] is False  # the self-check ran, and passed
     assert full["groups"] == ["model", "model.blocks.0", "model.blocks.1"]  # one group per unit
     want = epsilon(noise_multiplier=full["sigma"], sample_rate=full["q"], steps=6, delta=full["delta"], accountant="rdp")
     assert full["epsilon"] == pytest.approx(want, rel=1e-9) and want <= 4.0
@@ -42,6 +43,14 @@ def test_dp_fsdp_trains_logs_the_accountants_epsilon_and_resumes(tmp_path, layou
     b = torch.load(resumed_dir / "params.pt", weights_only=True)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_dp_fsdp_self_check_refuses_a_loss_that_mixes_examples_before_any_step(tmp_path):
+    args = [sys.executable, str(SCRIPT), str(tmp_path), "3", "sharded", "--mixing-loss"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "SelfCheckError" in done.stderr and "loss mixes examples" in done.stderr
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "result.json").exists()
 
 
 @pytest.mark.slow

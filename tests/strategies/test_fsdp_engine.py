@@ -50,6 +50,28 @@ def _check_equal_to_single_process(tmp_path, clipping):
         assert got.shape == (BATCH,)
 
 
+def test_self_check_across_ranks_equals_the_single_process_check(results):
+    """Every rank gets the checking rank's engine norms and the reference norms summed from the
+    shards; both equal the one-process self-check on the same examples, and clipping is
+    exercised (norms above the threshold 0.5)."""
+    ranks = [torch.load(results / f"self-check-rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    torch.manual_seed(0)
+    model = ldp.make_private(TinyTransformer(), clipping=UNITS, max_grad_norm=0.5)
+    share = BATCH // 2
+    for case, rows in (("every rank", batch()[:share]), ("rank 1 only", batch()[share:])):
+        engine, reference, examples = ranks[0][case]
+        want = ldp.self_check(model, per_example_loss, rows)
+        assert examples == want.examples == 3
+        assert set(reference) == set(engine) == set(want.reference) == set(UNITS)
+        for group, norms in want.reference.items():
+            torch.testing.assert_close(torch.tensor(reference[group]), torch.tensor(norms), rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(torch.tensor(engine[group]), torch.tensor(norms), rtol=1e-5, atol=1e-7)
+        assert max(max(norms) for norms in want.reference.values()) > 0.5
+    assert ranks[0]["no rank"] is None
+    assert "self-check" in ranks[0]["mixing"] and "differ" in ranks[0]["mixing"]
+
+
 def test_mixed_precision_policy_clips_with_float32_norms(results):
     """FSDP2 bf16 compute, fp32 reduction: norms accumulate in fp32 and match fp32 training."""
     ranks = [torch.load(results / f"unit-bf16-rank{r}.pt", weights_only=True) for r in range(2)]
