@@ -123,6 +123,24 @@ class Gated(nn.Module):
         return F.linear(x, self.w_in, self.b) * torch.sigmoid(F.linear(x, self.w_gate))
 
 
+class ScaleShift(nn.Module):
+    """Bare parameters in elementwise ops, written the ways people write them: a layer-scale
+    vector, an offset scale in float32 (Gemma's norm), a reshaped bias, a negated scale."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.randn(d))
+        self.offset = nn.Parameter(0.1 * torch.randn(d))
+        self.bias = nn.Parameter(torch.randn(d))
+        self.flip = nn.Parameter(torch.randn(4, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(x) * self.gamma
+        h = (h * (1.0 + self.offset.float())).type_as(x)
+        h = h + self.bias.view(1, 1, -1) / 2
+        return torch.mul(2.0 - self.flip, h)
+
+
 def _plain(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return model(**batch)
 
@@ -157,18 +175,21 @@ ZOO = [
                        attention_probs_dropout_prob=0.0, num_labels=3),
             lambda: {"pixel_values": torch.randn(BATCH, 3, 8, 8, generator=torch.Generator().manual_seed(4))},
             _logits, fallback=True),
-    ZooCase("llama", _hf("LlamaConfig", "LlamaForCausalLM", **_DECODER), _text, _logits, fallback=True),
+    # the HF RMSNorm family (w * h, Gemma's h * (1 + w)) without the fallback
+    ZooCase("llama", _hf("LlamaConfig", "LlamaForCausalLM", **_DECODER), _text, _logits),
+    ZooCase("mistral", _hf("MistralConfig", "MistralForCausalLM", sliding_window=4, **_DECODER),
+            _text, _logits),
     ZooCase("qwen2_tied", _hf("Qwen2Config", "Qwen2ForCausalLM", tie_word_embeddings=True, **_DECODER),
-            _text, _logits, fallback=True),
+            _text, _logits),
     ZooCase("gemma3", _hf("Gemma3TextConfig", "Gemma3ForCausalLM", sliding_window=4, **_DECODER),
-            _text, _logits, fallback=True),
+            _text, _logits),
     ZooCase("t5", _hf("T5Config", "T5ForConditionalGeneration", vocab_size=VOCAB, d_model=16, d_kv=8,
                       d_ff=24, num_layers=1, num_heads=2, dropout_rate=0.0),
-            _seq2seq, _logits, fallback=True, refused=r"relative_attention_bias.*freeze"),
+            _seq2seq, _logits, refused=r"relative_attention_bias.*freeze"),
     ZooCase("t5_bias_frozen", _hf("T5Config", "T5ForConditionalGeneration", vocab_size=VOCAB,
                                   d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2,
                                   dropout_rate=0.0),
-            _seq2seq, _logits, fallback=True, freeze=("relative_attention_bias",)),
+            _seq2seq, _logits, freeze=("relative_attention_bias",)),
     ZooCase("bart", _hf("BartConfig", "BartForConditionalGeneration", vocab_size=VOCAB, d_model=16,
                         encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                         decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24,
@@ -200,6 +221,8 @@ ZOO = [
     ZooCase("linear_subclass", lambda: nn.Sequential(ScaledLinear(6, 5), nn.Linear(5, 2)), _floats,
             lambda m, b: m(b["x"]), needs=()),
     ZooCase("custom_f_linear", lambda: nn.Sequential(Gated(), nn.Linear(8, 2)), _floats,
+            lambda m, b: m(b["x"]), needs=()),
+    ZooCase("scale_shift", lambda: nn.Sequential(nn.Linear(6, 6), ScaleShift(), nn.Linear(6, 2)), _floats,
             lambda m, b: m(b["x"]), needs=()),
 ]
 

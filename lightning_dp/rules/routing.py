@@ -7,8 +7,13 @@ offset embeddings, a user's ``nn.Linear`` subclass), or a custom module that cal
 ``F.linear``/``F.embedding``/... on its own ``nn.Parameter``, keeps its forward: a scoped
 ``TorchFunctionMode`` sends those functional calls to the primitives, so training computes the
 same function as evaluation. Any other use of the module's own parameter that could carry a
-gradient (``self.weight * x``, ``self.weight[ids]``) is refused at once, naming the op; with
-``fallback=True`` the module is handled by the torch.func fallback instead.
+gradient is refused at once, naming the op; with ``fallback=True`` the module is handled by the
+torch.func fallback instead.
+
+Elementwise products and sums with a parameter broadcast over the examples (``self.weight * h``
+in the HF RMSNorm family, ``h * (1.0 + self.weight.float())`` in Gemma's) are routed too: the
+mode follows the parameter through dtype casts, reshapes and scalar affine maps (each result is
+``a * w + c``) to the product or sum that uses it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from lightning_dp.rules._affine import affine
+from lightning_dp.rules._elementwise import broadcasts_over_examples, elementwise
 from lightning_dp.rules.base import CallSite, Rule
 from lightning_dp.rules.conv import conv
 from lightning_dp.rules.embedding import EmbeddingOptions, embedding
@@ -75,6 +81,19 @@ class _RouteOps(TorchFunctionMode):
         self.owned = {
             id(p): n for n, p in module.named_parameters(recurse=False) if n in site.param_keys
         }
+        self.params = {n: p for n, p in module.named_parameters(recurse=False) if n in site.param_keys}
+        #: id -> (tensor, parameter name, a) for tensors computed as ``a * param + c`` in this
+        #: forward (the tensor is held so that its id stays unique while the mode lives)
+        self.derived: dict[int, tuple[Tensor, str, float]] = {}
+
+    def image(self, tensor: Any) -> tuple[str, float] | None:
+        """(parameter name, a) when ``tensor`` is a parameter or ``a * parameter + c``."""
+        if not isinstance(tensor, Tensor):
+            return None
+        if id(tensor) in self.owned:
+            return self.owned[id(tensor)], 1.0
+        entry = self.derived.get(id(tensor))
+        return None if entry is None else entry[1:]
 
     def names(self, **params: Tensor | None) -> dict[str, str] | None:
         """role -> parameter name when every given tensor is this module's own parameter (or
@@ -100,10 +119,7 @@ class _RouteOps(TorchFunctionMode):
         return result
 
     def _refuse_unrouted(self, func: Any, args: tuple, kwargs: dict, result: Any) -> None:
-        used = [
-            self.owned[id(t)] for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, Tensor) and id(t) in self.owned
-        ]
+        used = [image[0] for t in tree_flatten((args, kwargs))[0] if (image := self.image(t)) is not None]
         carries_grad = any(
             isinstance(t, Tensor) and t.requires_grad for t in tree_flatten(result)[0]
         )
@@ -191,6 +207,80 @@ def _getitem(mode: _RouteOps, tensor: Tensor, index: Any):
     return embedding(mode.site, index, tensor, names=names)
 
 
+def _derive(func: Any, factor_of: Any):
+    """A route for ``func`` mapping a parameter image ``a * w + c`` to another one, whose ``a``
+    is multiplied by ``factor_of(*args)`` (None: not such a map)."""
+
+    def route(mode: _RouteOps, tensor: Any, *args: Any, **kwargs: Any):
+        image = mode.image(tensor)
+        factor = None if image is None else factor_of(tensor, *args, **kwargs)
+        if factor is None:
+            return NotImplemented
+        result = func(tensor, *args, **kwargs)  # the mode is off inside its own handler
+        if isinstance(result, Tensor) and result.numel() == tensor.numel():
+            mode.derived[id(result)] = (result, image[0], image[1] * factor)
+        return result
+
+    return route
+
+
+def _same(tensor: Tensor, *args: Any, **kwargs: Any) -> float | None:
+    """Casts and reshapes keep every entry's value: the image's factor is unchanged."""
+    return 1.0
+
+
+def _reshaped(tensor: Tensor, *args: Any, **kwargs: Any) -> float | None:
+    """``view(shape)`` keeps the values; ``view(dtype)`` reinterprets the bits."""
+    return None if any(isinstance(a, torch.dtype) for a in (*args, *kwargs.values())) else 1.0
+
+
+def _shift(tensor: Tensor, other: Any = None, *args: Any, alpha: Any = 1, **kwargs: Any) -> float | None:
+    return 1.0 if isinstance(other, (int, float)) and not isinstance(other, bool) and alpha == 1 and not args else None
+
+
+def _negated_shift(tensor: Tensor, other: Any = None, *args: Any, alpha: Any = 1, **kwargs: Any) -> float | None:
+    return -1.0 if _shift(tensor, other, *args, alpha=alpha, **kwargs) else None
+
+
+def _scaled(tensor: Tensor, other: Any = None, *args: Any, **kwargs: Any) -> float | None:
+    number = isinstance(other, (int, float)) and not isinstance(other, bool)
+    return float(other) if number and not args and not kwargs else None
+
+
+def _divided(tensor: Tensor, other: Any = None, *args: Any, **kwargs: Any) -> float | None:
+    factor = _scaled(tensor, other, *args, **kwargs)
+    return None if not factor else 1.0 / factor
+
+
+def _negated(tensor: Tensor, *args: Any, **kwargs: Any) -> float | None:
+    return -1.0 if not args and not kwargs else None
+
+
+def _binary(func: Any, op: str, scalar_factor: Any):
+    """``x * v``/``x + v`` (either order) with ``v`` a parameter image: the elementwise primitive;
+    with a Python number instead of ``x``: a new image."""
+
+    def route(mode: _RouteOps, a: Any, b: Any = None, *args: Any, **kwargs: Any):
+        if args or kwargs.get("alpha", 1) != 1 or kwargs.get("out") is not None:
+            return NotImplemented
+        image_a, image_b = mode.image(a), mode.image(b)
+        if (image_a is None) == (image_b is None):
+            return NotImplemented  # no parameter, or both operands from parameters
+        value, x, (name, factor) = (a, b, image_a) if image_a is not None else (b, a, image_b)
+        if not isinstance(x, Tensor):
+            scale = scalar_factor(value, x)
+            if scale is None:
+                return NotImplemented
+            result = func(a, b)
+            mode.derived[id(result)] = (result, name, factor * scale)
+            return result
+        if not broadcasts_over_examples(x, value):
+            return NotImplemented
+        return elementwise(mode.site, op, x, value, mode.params[name], name, factor)
+
+    return route
+
+
 _ROUTES = {
     Tensor.__getitem__: _getitem,
     F.linear: _linear,
@@ -202,3 +292,13 @@ _ROUTES = {
     F.rms_norm: _rms_norm,
     F.group_norm: _group_norm,
 }
+_SAME = ("float", "double", "half", "bfloat16", "to", "type_as", "contiguous", "reshape", "unsqueeze",
+         "squeeze", "clone")
+_ROUTES.update({getattr(Tensor, name): _derive(getattr(Tensor, name), _same) for name in _SAME})
+_ROUTES[Tensor.view] = _derive(Tensor.view, _reshaped)
+_ROUTES.update({f: _derive(f, _negated) for f in (Tensor.__neg__, Tensor.neg, torch.neg)})
+_ROUTES.update({f: _derive(f, _shift) for f in (Tensor.__sub__, Tensor.sub, torch.sub)})
+_ROUTES[Tensor.__rsub__] = _derive(Tensor.__rsub__, _negated_shift)
+_ROUTES.update({f: _derive(f, _divided) for f in (Tensor.__truediv__, Tensor.div, torch.div)})
+_ROUTES.update({f: _binary(f, "mul", _scaled) for f in (Tensor.__mul__, Tensor.__rmul__, Tensor.mul, torch.mul)})
+_ROUTES.update({f: _binary(f, "add", _shift) for f in (Tensor.__add__, Tensor.__radd__, Tensor.add, torch.add)})

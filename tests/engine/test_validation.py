@@ -19,7 +19,7 @@ class NoRule(nn.Module):
         self.w = nn.Parameter(torch.ones(3))
 
     def forward(self, x):
-        return x * self.w
+        return x * self.w.exp()  # not x * w or x + w (those are routed), not linear in w
 
 
 class LinearWithExtra(nn.Linear):
@@ -28,7 +28,7 @@ class LinearWithExtra(nn.Linear):
         self.gate = nn.Parameter(torch.ones(3))
 
     def forward(self, x):
-        return super().forward(x) * self.gate
+        return super().forward(x) * torch.sigmoid(self.gate)
 
 
 @pytest.mark.parametrize(
@@ -66,6 +66,33 @@ def test_subclass_adding_parameters_is_not_silently_treated_as_its_base():
     model = ldp.make_private(nn.Sequential(LinearWithExtra()), fallback=True)  # accepted when asked
     model(torch.randn(2, 3)).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+class PerRowScale(nn.Module):
+    """A parameter with a row per example position would mix examples: not an elementwise use."""
+
+    def __init__(self, rows: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(rows, 3))
+
+    def forward(self, x):
+        return x * self.w
+
+
+class SquaredScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * (self.w * self.w)  # both operands from the parameter: quadratic in w
+
+
+@pytest.mark.parametrize("layer", [PerRowScale(2), SquaredScale()], ids=["per-row", "squared"])
+def test_elementwise_uses_that_are_not_per_example_are_refused(layer):
+    model = ldp.make_private(nn.Sequential(nn.Linear(3, 3), layer))
+    with pytest.raises(ValueError, match=r"uses its parameter 'w'"):
+        model(torch.randn(2, 3))
 
 
 def test_frozen_module_without_a_rule_costs_nothing():
