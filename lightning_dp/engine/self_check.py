@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_flatten, tree_map
 
+from lightning_dp.data.microbatch import pad_batch
 from lightning_dp.engine.make_private import PrivacyLeakError, _state
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -96,7 +97,7 @@ def self_check_across_ranks(
 
     The first rank holding examples checks a few of them. Gradients are reduce-scattered inside
     each backward, so a single-example reference pass runs on every rank at once: that rank's
-    example with its loss, every other rank an empty slice of its batch; the sharded gradients
+    example unclipped, every other rank one row clipped to exactly zero; the sharded gradients
     then hold that one example's gradient, and each group's norm is summed from the shards over
     the ranks. Every rank gets the same report, or raises the same :class:`SelfCheckError`.
     Returns None (nothing checked) when no rank holds an example.
@@ -114,22 +115,32 @@ def self_check_across_ranks(
     checked = min(num_examples, int(sizes[holders[0]]))
     names = list(clipper.groups)
     params = dict(model.named_parameters())
+    # A rank that only joins the collectives runs one row it holds, or one padding row (models
+    # such as HF's cannot run zero rows), clipped to exactly zero.
+    stand_in = _rows(batch, 0, 1, size) if size else pad_batch(batch, 1)[0]
     with _quiet(model, state):
-        mine = _engine_norms(model, clipper, loss_fn, batch, size, checked)
+        if size:
+            mine = _engine_norms(model, clipper, loss_fn, batch, size, checked)
+        else:
+            with _clipped_to_zero(clipper):
+                _engine_norms(model, clipper, loss_fn, stand_in, 1, 0)
+            mine = {}
         engine = torch.tensor(
             [mine.get(g, [0.0] * checked) if checks_here else [0.0] * checked for g in names], dtype=torch.float64
         ).reshape(len(names), checked)
         dist.all_reduce(engine, group=group)  # only the checking rank's rows are non-zero
         squares = torch.zeros(len(names), checked, dtype=torch.float64)
-        with clipper.disabled():
-            for i in range(checked):
-                for p in model.parameters():
-                    p.grad = None
-                example = _rows(batch, i, i + 1, size) if checks_here else _rows(batch, 0, 0, size)
-                loss = _summed(loss_fn(model, example))
-                (loss if checks_here else loss * 0).backward()
-                for index, name in enumerate(names):
-                    squares[index, i] = sum(_local_square_sum(params[n].grad) for n in clipper.groups[name].params)
+        for i in range(checked):
+            for p in model.parameters():
+                p.grad = None
+            if checks_here:
+                with clipper.disabled():
+                    _summed(loss_fn(model, _rows(batch, i, i + 1, size))).backward()
+            else:
+                with _clipped_to_zero(clipper), clipper.pinned_examples(1):
+                    _summed(loss_fn(model, stand_in)).backward()
+            for index, name in enumerate(names):
+                squares[index, i] = sum(_local_square_sum(params[n].grad) for n in clipper.groups[name].params)
         dist.all_reduce(squares, group=group)
     engine_norms = {g: engine[k].tolist() for k, g in enumerate(names)}
     reference = {g: squares[k].sqrt().tolist() for k, g in enumerate(names)}
@@ -145,6 +156,16 @@ def _engine_norms(model: nn.Module, clipper: Any, loss_fn: LossFn, batch: Any, s
     for p in model.parameters():
         p.grad = None
     return engine
+
+
+@contextlib.contextmanager
+def _clipped_to_zero(clipper: Any) -> Iterator[None]:
+    """Every row of the passes in this block is padding: its clipped gradient is exactly 0."""
+    previous, clipper.real_rows = clipper.real_rows, 0
+    try:
+        yield
+    finally:
+        clipper.real_rows = previous
 
 
 def _local_square_sum(grad: Tensor | None) -> float:

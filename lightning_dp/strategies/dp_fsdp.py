@@ -13,6 +13,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
@@ -21,7 +22,7 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils._pytree import tree_map
 from typing_extensions import override
 
@@ -35,7 +36,7 @@ from lightning_dp.strategies.dp import check_trainer_supports_dp
 from lightning_dp.strategies.fsdp_sharding import (
     is_sharded,
     nested_units,
-    shard_for_dp,
+    shard_blocks,
     sum_gradients_across_ranks,
 )
 from lightning_dp.strategies.loss import LossReduction
@@ -199,22 +200,61 @@ class DPFSDPStrategy(PrivateStepMixin, ModelParallelStrategy):
 
 
 def shard_lightning_module(module: nn.Module, mesh: Any, block_types: Any, mp_policy: Any) -> None:
-    """Shard each child that holds parameters as a root (blocks inside it first).
+    """Shard the blocks, then roots whose forwards Lightning's step methods run.
 
     Lightning calls ``training_step``, not the LightningModule's forward, and FSDP2 gathers a
-    root's own parameters in the root's forward: so the roots are the children whose forwards
-    run, not the LightningModule itself.
+    unit's own parameters in its forward. So the roots are the children whose forwards run
+    (looking through ``ModuleList``/``ModuleDict``, which have none), unless parameters sit
+    where no child's forward reaches them (on the LightningModule, in a container's
+    ``ParameterList``): then the LightningModule is the root, with its step methods registered
+    as FSDP forward methods.
     """
-    direct = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-    if direct:
-        raise ValueError(
-            f"dp_fsdp: the LightningModule owns parameters {direct} directly; FSDP2 can only "
-            "gather them in a forward that Lightning never calls. Move them into a submodule, "
-            "or shard the model yourself in configure_model()."
-        )
+    shard_blocks(module, mesh, block_types, mp_policy)
+    kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
+    if loose_parameters(module):
+        fully_shard(module, **kwargs)
+        for name in STEP_METHODS:
+            if getattr(type(module), name, None) is not getattr(L.LightningModule, name, None):
+                register_fsdp_forward_method(module, name)
+        return
+    for root in forward_roots(module):
+        fully_shard(root, **kwargs)
+
+
+STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
+
+
+def loose_parameters(module: nn.Module) -> list[str]:
+    """Trainable parameters that no child's forward reaches: the LightningModule's own, and
+    those held directly by containers (``ModuleList``, ``ModuleDict``, ``ParameterList``...)."""
+    loose = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    for name, child in module.named_children():
+        if _is_container(child):
+            loose += [f"{name}.{n}" for n in loose_parameters(child)]
+    return loose
+
+
+def forward_roots(module: nn.Module) -> list[nn.Module]:
+    """Children (through containers) holding parameters outside any FSDP unit (frozen ones
+    too: a LoRA model's frozen embedding is sharded like the rest)."""
+    roots = []
     for child in module.children():
-        if any(p.requires_grad for p in child.parameters()):
-            shard_for_dp(child, mesh, block_types, mp_policy)
+        if isinstance(child, FSDPModule):
+            continue
+        if _is_container(child):
+            roots += forward_roots(child)
+        elif _outside_units(child):
+            roots.append(child)
+    return roots
+
+
+def _is_container(module: nn.Module) -> bool:
+    return type(module).forward is nn.Module.forward
+
+
+def _outside_units(module: nn.Module) -> list[nn.Parameter]:
+    inside = {id(p) for m in module.modules() if isinstance(m, FSDPModule) for p in m.parameters()}
+    return [p for p in module.parameters() if id(p) not in inside]
 
 
 def check_groups_inside_units(module: nn.Module) -> None:

@@ -50,6 +50,28 @@ def nested_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
+def shard_blocks(
+    model: nn.Module,
+    mesh: object,
+    block_types: Sequence[type[nn.Module]] | None = None,
+    mp_policy: MixedPrecisionPolicy | None = None,
+) -> None:
+    """``fully_shard`` every block (given or detected) below ``model``, innermost first (FSDP2
+    shards bottom-up: a unit owns the parameters no unit below it owns)."""
+    types = tuple(block_types) if block_types else tuple(default_block_types(model))
+    blocks = [m for m in model.modules() if m is not model and types and isinstance(m, types)]
+    if block_types and not blocks:
+        raise ValueError(
+            f"dp_fsdp: block_types={[t.__name__ for t in types]} match no module of "
+            f"{type(model).__name__}; pass the classes of its repeated blocks, or None to detect them."
+        )
+    kwargs = {"mesh": mesh} if mesh is not None else {}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    for module in reversed(blocks):
+        fully_shard(module, **kwargs)
+
+
 def shard_for_dp(
     model: nn.Module,
     mesh: object,
@@ -57,13 +79,10 @@ def shard_for_dp(
     mp_policy: MixedPrecisionPolicy | None = None,
 ) -> nn.Module:
     """``fully_shard`` every block (given or detected), then the root."""
-    types = tuple(block_types) if block_types else tuple(default_block_types(model))
+    shard_blocks(model, mesh, block_types, mp_policy)
     kwargs = {"mesh": mesh} if mesh is not None else {}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
-    for module in list(model.modules()):
-        if module is not model and types and isinstance(module, types):
-            fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
     return model
 

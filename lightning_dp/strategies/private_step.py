@@ -100,12 +100,18 @@ class PrivateStepMixin:
         self.private.follow_trainable_parameters(module)
         if self.private.pending_self_check:
             self._self_check(super().batch_to_device(micro_batch), rest, kwargs)
-        if self.private.speed.compile:  # one shape for the compiled model; padding clipped to 0
-            clipper_of(module).real_rows = batch_size_of(micro_batch)
+        real = batch_size_of(micro_batch)
+        if self.private.speed.compile:  # one shape for the compiled model
             micro_batch, _ = pad_batch(micro_batch, self.private.speed.max_physical_batch_size)
+        elif real == 0:  # a rank joining the collectives: one row, as models such as HF's need
+            micro_batch, _ = pad_batch(micro_batch, 1)
+        # padding rows are clipped to exactly 0 (this micro-batch's backward runs before the next)
+        clipper_of(module).real_rows = real if batch_size_of(micro_batch) != real else None
         micro_batch = super().batch_to_device(micro_batch)
         with clipper_of(module).pinned_examples(batch_size_of(micro_batch)):
             output, summed = self._summed_training_loss(micro_batch, rest, kwargs)
+        if real == 0:
+            summed = summed * 0  # the padding row's loss is not this rank's loss
         return {**output, "loss": summed} if isinstance(output, dict) else summed
 
     def _summed_training_loss(self, micro_batch: Any, rest: tuple, kwargs: dict) -> tuple[Any, Any]:
