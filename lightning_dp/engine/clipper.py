@@ -154,6 +154,7 @@ class Clipper:
     def pinned_examples(self, count: int) -> Iterator[None]:
         """Every private call in this block belongs to a forward over ``count`` examples."""
         previous = self.examples_pinned
+        self.forget_interrupted_backward()
         self.examples, self.examples_pinned = count, True
         try:
             yield
@@ -221,10 +222,18 @@ class Clipper:
                 self._finalize(group)
 
     def _queue_finish_callback(self) -> None:
-        task = torch._C._current_graph_task_id()
-        if self._callback_task != task:
-            self._callback_task = task
+        """One end-of-backward callback per outermost backward: the inner backward that a
+        reentrant activation checkpoint runs for its segment is part of the outer one (groups
+        spanning the segment's boundary, such as tied embeddings, are still open there)."""
+        if self._callback_task is None:
+            self._callback_task = torch._C._current_graph_task_id()
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+
+    def forget_interrupted_backward(self) -> None:
+        """At a new forward, outside any backward: a backward that raised never ran its
+        end-of-backward callback; drop its marker so that the next backward queues one."""
+        if torch._C._current_graph_task_id() == -1:
+            self._callback_task = None
 
     def _finish(self) -> None:
         """End of backward: finish groups some of whose calls got no gradient, then reset."""

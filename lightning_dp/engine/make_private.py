@@ -331,6 +331,7 @@ class _CountExamples:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         clipper = self.clipper
+        clipper.forget_interrupted_backward()
         if clipper.examples_pinned or not (clipper.enabled and torch.is_grad_enabled()):
             return
         clipper.examples = self.batch_size_fn(args, kwargs)

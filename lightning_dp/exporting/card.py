@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_dp.accounting import PrivacyLedger
 from lightning_dp.callbacks.privacy_accountant import PrivacyAccountant, private_training_of
-from lightning_dp.engine import group_thresholds, is_private, make_private
+from lightning_dp.engine import group_thresholds, is_private, make_private, planned_parameters
 from lightning_dp.strategies.private_step import CHECKPOINT_KEY
 from lightning_dp.strategies.private_training import PrivacySettings
 
@@ -52,6 +52,7 @@ def privacy_card(trainer: pl.Trainer, *, delta: float | None = None) -> dict[str
         num_samples=private.num_samples,
         sample_rate=private.accounted_sample_rate,
         thresholds=group_thresholds(trainer.lightning_module),
+        trained=_trained(trainer.lightning_module),
     )
 
 
@@ -88,9 +89,10 @@ def privacy_card_from_checkpoint(
     privacy.noise_multiplier = state["noise_multiplier"]
     privacy.count_noise_multiplier = state.get("count_noise_multiplier", privacy.count_noise_multiplier)
     adaptive = state.get("thresholds")  # adaptive thresholds: the last row of their history
+    planned = _planned(model, privacy)
     thresholds = (
         dict(zip(adaptive["groups"], adaptive["history"][-1].tolist())) if adaptive is not None
-        else _thresholds(model, privacy)
+        else group_thresholds(planned)
     )
     return make_card(
         privacy=privacy,
@@ -99,6 +101,7 @@ def privacy_card_from_checkpoint(
         num_samples=num_samples,
         sample_rate=sample_rate if privacy.poisson else 1.0,
         thresholds=thresholds,
+        trained=_trained(planned),
     )
 
 
@@ -110,8 +113,14 @@ def make_card(
     num_samples: int | None,
     sample_rate: float,
     thresholds: Mapping[str, float],
+    trained: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble the card; epsilon is recomputed from the ledger's full history."""
+    """Assemble the card; epsilon is recomputed from the ledger's full history.
+
+    ``trained`` (from :func:`_trained`) says which parameters the guarantee covers: those
+    clipped and noised. The others (a LoRA model's frozen base) were not trained on this data;
+    the guarantee says nothing about where they came from.
+    """
     steps = ledger.steps
     return {
         "format": CARD_FORMAT,
@@ -133,6 +142,7 @@ def make_card(
         "sensitivity": sum(c**2 for c in thresholds.values()) ** 0.5,
         **(_adaptive_settings(privacy) if privacy.thresholds == "adaptive" else {}),
         "secure_mode": privacy.secure_mode,
+        **(dict(trained) if trained is not None else {}),
         "releases": [list(entry) for entry in ledger.history],
         "lightning_dp_version": _version("lightning-dp"),
         "torch_version": torch.__version__,
@@ -171,16 +181,27 @@ def _required_delta(delta: float | None) -> float:
     return float(delta)
 
 
-def _thresholds(model: nn.Module, privacy: PrivacySettings) -> dict[str, float]:
+def _planned(model: nn.Module, privacy: PrivacySettings) -> nn.Module:
+    """``model`` made private as training made it (a copy, unless it already is)."""
     if is_private(model):
-        return group_thresholds(model)
+        return model
     # Groups depend only on the model and the privacy settings; fallback=True cannot change a
     # group that training formed (without it, make_private would have refused the module).
-    probe = make_private(
+    return make_private(
         copy.deepcopy(model), clipping=privacy.clipping, clip_fn=privacy.clip_fn,
         max_grad_norm=privacy.max_grad_norm, gamma=privacy.gamma, fallback=True,
     )
-    return group_thresholds(probe)
+
+
+def _trained(model: nn.Module) -> dict[str, Any]:
+    """The parameters clipped and noised (the trained ones), and how much of the model they are."""
+    trained = planned_parameters(model)
+    total = sum(p.numel() for p in model.parameters())
+    return {
+        "trained_parameters": sorted(trained),
+        "trained_parameter_count": sum(p.numel() for p in trained.values()),
+        "frozen_parameter_count": total - sum(p.numel() for p in trained.values()),
+    }
 
 
 def _version(distribution: str) -> str | None:

@@ -120,3 +120,25 @@ def test_card_of_an_adaptive_run_records_the_counts_and_final_thresholds(tmp_pat
     )
     assert saved["thresholds"] == pytest.approx(live["thresholds"])
     assert saved["count_noise_multiplier"] == live["count_noise_multiplier"]
+
+
+def test_card_records_which_parameters_were_trained(tmp_path):
+    """A partly frozen model (as under LoRA): the card lists only the clipped and noised
+    parameters, live and from the checkpoint."""
+    torch.manual_seed(0)
+    model = Classifier()
+    model.net[0].requires_grad_(False)  # the frozen "base"
+    accountant = lightning_dp.PrivacyAccountant(target_epsilon=2.0, accountant="rdp")
+    strategy = lightning_dp.DPStrategy(seed=3)
+    t = trainer(strategy, callbacks=[accountant], max_epochs=1)
+    t.fit(model, DataLoader(toy_dataset(96), batch_size=12))
+    live = lightning_dp.privacy_card(t)
+    assert live["trained_parameters"] == ["net.2.bias", "net.2.weight"]
+    assert live["trained_parameter_count"] == model.net[2].weight.numel() + model.net[2].bias.numel()
+    assert live["frozen_parameter_count"] == sum(p.numel() for p in model.net[0].parameters()) > 0
+    ckpt = tmp_path / "run.ckpt"
+    t.save_checkpoint(ckpt)
+    fresh = Classifier()
+    fresh.net[0].requires_grad_(False)
+    saved = privacy_card_from_checkpoint(torch.load(ckpt, weights_only=False), fresh, strategy.private.privacy)
+    assert saved == live
