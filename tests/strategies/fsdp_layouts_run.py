@@ -4,7 +4,8 @@ script per rank.
     python fsdp_layouts_run.py OUT_DIR modulelist|lora_llama
 
 ``modulelist``: blocks in an ``nn.ModuleList`` and a parameter on the LightningModule itself.
-``lora_llama``: a tiny HF Llama with peft LoRA adapters, padded text, per-sequence token mean.
+``lora_llama``: a tiny HF Llama with peft LoRA adapters and reentrant gradient checkpointing,
+padded text, per-sequence token mean.
 
 Each rank saves: its first Poisson batch, the per-example group norms of the first step, the
 groups, the collectives of the second step and of one plain-FSDP2 step on the same batch, and
@@ -61,7 +62,9 @@ class ListModel(L.LightningModule):
 
 
 class LoraLlama(ListModel):
-    def __init__(self) -> None:
+    """peft LoRA on a tiny HF Llama, with HF gradient checkpointing unless told otherwise."""
+
+    def __init__(self, checkpointing: bool = True) -> None:
         L.LightningModule.__init__(self)
         from peft import LoraConfig, get_peft_model
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -69,6 +72,9 @@ class LoraLlama(ListModel):
         config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, head_dim=8)
         base = LlamaForCausalLM(config)
+        if checkpointing:  # reentrant: the segment's backward runs as a nested backward
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            base.enable_input_require_grads()
         self.model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
 
     def forward(self, ids):
