@@ -232,7 +232,7 @@ class Clipper:
     def forget_interrupted_backward(self) -> None:
         """At a new forward, outside any backward: a backward that raised never ran its
         end-of-backward callback; drop its marker so that the next backward queues one."""
-        if torch._C._current_graph_task_id() == -1:
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() == -1:
             self._callback_task = None
 
     def _finish(self) -> None:
