@@ -119,7 +119,8 @@ class _RouteOps(TorchFunctionMode):
         return result
 
     def _refuse_unrouted(self, func: Any, args: tuple, kwargs: dict, result: Any) -> None:
-        used = [image[0] for t in tree_flatten((args, kwargs))[0] if (image := self.image(t)) is not None]
+        images = [self.image(t) for t in tree_flatten((args, kwargs))[0]]
+        used = [image[0] for image in images if image is not None]
         carries_grad = any(
             isinstance(t, Tensor) and t.requires_grad for t in tree_flatten(result)[0]
         )
@@ -298,7 +299,7 @@ _ROUTES.update({getattr(Tensor, name): _derive(getattr(Tensor, name), _same) for
 _ROUTES[Tensor.view] = _derive(Tensor.view, _reshaped)
 _ROUTES.update({f: _derive(f, _negated) for f in (Tensor.__neg__, Tensor.neg, torch.neg)})
 _ROUTES.update({f: _derive(f, _shift) for f in (Tensor.__sub__, Tensor.sub, torch.sub)})
-_ROUTES[Tensor.__rsub__] = _derive(Tensor.__rsub__, _negated_shift)
+_ROUTES.update({f: _derive(f, _negated_shift) for f in (Tensor.__rsub__, torch.rsub)})
 _ROUTES.update({f: _derive(f, _divided) for f in (Tensor.__truediv__, Tensor.div, torch.div)})
 _ROUTES.update({f: _binary(f, "mul", _scaled) for f in (Tensor.__mul__, Tensor.__rmul__, Tensor.mul, torch.mul)})
 _ROUTES.update({f: _binary(f, "add", _shift) for f in (Tensor.__add__, Tensor.__radd__, Tensor.add, torch.add)})
