@@ -17,7 +17,6 @@ from torch import nn
 from lightning_dp.engine import deferred_ops
 from lightning_dp.engine.make_private import _state
 from lightning_dp.rules import FuncFallbackRule
-from lightning_dp.rules.routing import RoutedRule
 
 PASS_OPTION = "post_grad_custom_pre_pass"
 
@@ -31,15 +30,12 @@ def prepare_for_compile(model: nn.Module, within: Sequence[nn.Module] | None = N
     clipper = state.clipper
     inside = _modules_inside(within) if within is not None else None
     sites = [site for site in state.sites if inside is None or id(site.module) in inside]
-    refused = [
-        f"`{site.path}`" for site in sites if isinstance(site.rule, (FuncFallbackRule, RoutedRule))
-    ]
+    refused = [f"`{site.path}`" for site in sites if isinstance(site.rule, FuncFallbackRule)]
     if refused:
         raise ValueError(
             f"lightning_dp.compile: modules {refused} use the torch.func fallback (which records "
-            "per-call state in the backward) or run their own forward with routed ops, and "
-            "cannot be compiled yet. Register a rule for them (@lightning_dp.rules.register), "
-            "freeze them, or train this model without compile."
+            "per-call state in the backward) and cannot be compiled yet. Register a rule for them "
+            "(@lightning_dp.rules.register), freeze them, or train this model without compile."
         )
     shared = _shared_parameters(state)
     if shared:

@@ -1,6 +1,7 @@
 """Join each clipping group's ``group_scale`` nodes into one ``clip_scale`` after all its norms.
 
-In the compiled backward every DP primitive emits ``group_scale(norm_sq, clipper, group, site)``
+In the compiled backward every DP primitive emits ``group_scale(norm_sq, clipper, group, site,
+params)``
 and uses the result to scale its output-gradient rows before the weight-gradient matmul. This
 pass replaces the nodes of one group by a single ``clip_scale([norm_sq, ...], clipper, group)``
 placed after the last member's norm, then re-sorts the graph so that every weight-gradient
@@ -30,13 +31,13 @@ def join_group_scales(graph: fx.Graph) -> int:
     members: dict[tuple[int, str], list[fx.Node]] = defaultdict(list)
     for node in graph.nodes:
         if node.target is GROUP_SCALE:
-            _, clipper, group, _ = node.args
+            _, clipper, group, _, _ = node.args
             members[(clipper, group)].append(node)
     if not members:
         return 0
     position = {node: i for i, node in enumerate(graph.nodes)}
     for (clipper, group), nodes in members.items():
-        _check_one_call_per_site(group, nodes)
+        _check_one_use_per_parameter(group, nodes)
         _check_whole_group(clipper, group, nodes)
         norms = [node.args[0] for node in nodes]
         last = max(norms, key=position.__getitem__)
@@ -52,15 +53,23 @@ def join_group_scales(graph: fx.Graph) -> int:
     return len(members)
 
 
-def _check_one_call_per_site(group: str, nodes: list[fx.Node]) -> None:
-    sites = [node.args[3] for node in nodes]
-    if len(set(sites)) != len(sites):
-        raise RuntimeError(
-            f"lightning-dp: a module of clipping group {group!r} is called more than once per "
-            "forward in a compiled model; its per-example gradient is the sum over its calls, "
-            "which the compiled path does not instantiate. Train this model without "
-            "lightning_dp.compile (the eager engine handles repeated calls)."
-        )
+def _check_one_use_per_parameter(group: str, nodes: list[fx.Node]) -> None:
+    """Calls with disjoint parameters (a module's own forward scaling by one parameter and
+    shifting by another) add their squared norms; two calls of one parameter would need the
+    cross term of their per-example gradients, which the compiled path does not compute."""
+    seen: set[str] = set()
+    for node in nodes:
+        params = set(node.args[4].split(","))
+        repeated = sorted(params & seen)
+        if repeated:
+            raise RuntimeError(
+                f"lightning-dp: parameters {repeated} of clipping group {group!r} are used more "
+                "than once per forward in a compiled model (a module called twice, or a tied "
+                "weight); their per-example gradient is the sum over the uses, which the compiled "
+                "path does not instantiate. Train this model without lightning_dp.compile (the "
+                "eager engine handles repeated uses)."
+            )
+        seen |= params
 
 
 def _check_whole_group(clipper: int, group: str, nodes: list[fx.Node]) -> None:

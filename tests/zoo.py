@@ -174,7 +174,7 @@ ZOO = [
                        intermediate_size=24, hidden_dropout_prob=0.0,
                        attention_probs_dropout_prob=0.0, num_labels=3),
             lambda: {"pixel_values": torch.randn(BATCH, 3, 8, 8, generator=torch.Generator().manual_seed(4))},
-            _logits, fallback=True),
+            _logits),  # class token (expanded, concatenated) and position embeddings routed
     # the HF RMSNorm family (w * h, Gemma's h * (1 + w)) without the fallback
     ZooCase("llama", _hf("LlamaConfig", "LlamaForCausalLM", **_DECODER), _text, _logits),
     ZooCase("mistral", _hf("MistralConfig", "MistralForCausalLM", sliding_window=4, **_DECODER),

@@ -320,7 +320,8 @@ class Clipper:
         """Compiled mode: this call's clipped gradients, the group factors left to the graph pass.
 
         Each group this call touches gets one ``group_scale`` node over the call's share of the
-        group's squared norms; ``lightning_dp.passes`` joins the nodes of a group into one.
+        group's squared norms, naming the parameters it covers; ``lightning_dp.passes`` joins the
+        nodes of a group into one (a module's calls may share a group but not a parameter).
         """
         by_group: dict[str, list[str]] = defaultdict(list)
         for role in use.params:
@@ -330,7 +331,8 @@ class Clipper:
             norm_sq = use.norm_sq(names[0])
             for name in names[1:]:
                 norm_sq = norm_sq + use.norm_sq(name)
-            scale = group_scale(norm_sq, self.id, group_name, site.index)
+            params = ",".join(sorted(site.param_keys[use.names[role]] for role in names))
+            scale = group_scale(norm_sq, self.id, group_name, site.index, params)
             for name in names:
                 grads[name] = use.clipped_grad(name, scale).to(use.params[name].dtype)
         return grads

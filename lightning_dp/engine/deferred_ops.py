@@ -47,7 +47,7 @@ def clipper_by_id(clipper_id: int) -> _ScaleSource:
 
 
 @torch.library.custom_op("lightning_dp::group_scale", mutates_args=())
-def group_scale(norm_sq: Tensor, clipper: int, group: str, site: int) -> Tensor:
+def group_scale(norm_sq: Tensor, clipper: int, group: str, site: int, params: str) -> Tensor:
     raise RuntimeError(
         f"lightning-dp: clipping group {group!r} reached run time without the lightning_dp graph "
         "pass that joins its members' norms: it was compiled without lightning_dp.compile, by a "
@@ -58,7 +58,7 @@ def group_scale(norm_sq: Tensor, clipper: int, group: str, site: int) -> Tensor:
 
 
 @group_scale.register_fake
-def _(norm_sq: Tensor, clipper: int, group: str, site: int) -> Tensor:
+def _(norm_sq: Tensor, clipper: int, group: str, site: int, params: str) -> Tensor:
     return torch.empty_like(norm_sq)
 
 

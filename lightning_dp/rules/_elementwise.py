@@ -56,6 +56,50 @@ class _ElementwiseFn(torch.autograd.Function):
         return None, None, None, None, grad_x, None, grads.get("param")
 
 
+class _ConcatFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, site, dim, spec, *tensors: Tensor):
+        parts, params = tensors[: len(spec)], tensors[len(spec):]
+        ctx.site, ctx.dim, ctx.spec, ctx.params = site, dim, spec, params
+        ctx.sizes = [part.shape[dim] for part in parts]
+        ctx.dtypes = [part.dtype for part in parts]
+        return torch.cat(parts, dim)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        grads_in: list[Tensor | None] = []
+        grads_param: list[Tensor | None] = [None] * len(ctx.params)
+        for part, (g_part, entry) in enumerate(zip(g.split(ctx.sizes, ctx.dim), ctx.spec)):
+            if entry is None:
+                grads_in.append(g_part.to(ctx.dtypes[part]))
+                continue
+            index, name, base_shape, factor = entry
+            use = ElementwiseUse(None, g_part, ctx.params[index], name, base_shape, factor)
+            grads_param[index] = (ctx.site.record(use) or {}).get("param")
+            grads_in.append(None)
+        return (None, None, None, *grads_in, *grads_param)
+
+
+def concat(site: CallSite, parts: list[Tensor], dim: int, images: list[tuple[Tensor, str, torch.Size, float] | None]) -> Tensor:
+    """``torch.cat(parts, dim)`` where some parts are a parameter (times ``factor``) expanded
+    from ``base_shape`` (one row) to the batch, e.g. ViT's class token; the others hold the
+    examples. Each such parameter's per-example gradient is its slice of the output gradient,
+    summed over the dims it was broadcast along."""
+    examples = next(i for i, image in enumerate(images) if image is None)
+    parts = list(parts)
+    parts[examples] = site.enter(parts[examples])
+    params, spec = [], []
+    for part, image in zip(parts, images):
+        if image is None:
+            spec.append(None)
+            continue
+        param, name, base_shape, factor = image
+        spec.append((len(params), name, base_shape, factor))
+        params.append(param)
+    values = [part if image is None else part.detach() for part, image in zip(parts, images)]
+    return _ConcatFn.apply(site, dim, tuple(spec), *values, *params)
+
+
 def broadcasts_over_examples(x: Tensor, value: Tensor) -> bool:
     """True when ``value`` broadcasts into ``x`` (the result has ``x``'s shape) without a
     dimension of its own along the examples (dim 0 of ``x``)."""

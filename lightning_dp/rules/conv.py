@@ -65,7 +65,8 @@ class ConvUse(GradUse):
         self.x, self.g, self.spec, self.weight_shape = x, g, spec, weight.shape
         self._weight = weight
         groups = spec.groups
-        self.g_grouped = g.flatten(2).unflatten(1, (groups, g.shape[1] // groups))  # [B, G, p, L]
+        flat = g.flatten(2)  # reshape, not unflatten: dynamo cannot trace Tensor.unflatten
+        self.g_grouped = flat.reshape(flat.shape[0], groups, flat.shape[1] // groups, flat.shape[2])  # [B, G, p, L]
         p, positions = self.g_grouped.shape[2], self.g_grouped.shape[3]
         d = weight.shape[1] * math.prod(spec.kernel_size)
         self.method = choose_norm_method(batch * groups, positions, p, d, norm_method, g.device.type)
@@ -74,7 +75,7 @@ class ConvUse(GradUse):
     def _patches(self) -> Tensor:
         u = unfold_patches(self.x, self.spec)  # [B, C_in * K, L]
         groups = self.spec.groups
-        return u.unflatten(1, (groups, u.shape[1] // groups))  # [B, G, d, L]
+        return u.reshape(u.shape[0], groups, u.shape[1] // groups, u.shape[2])  # [B, G, d, L]
 
     def _weight_per_example(self) -> Tensor:
         if self._instantiated is None:

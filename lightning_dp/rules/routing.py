@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from lightning_dp.rules._affine import affine
-from lightning_dp.rules._elementwise import broadcasts_over_examples, elementwise
+from lightning_dp.rules._elementwise import broadcasts_over_examples, concat, elementwise
 from lightning_dp.rules.base import CallSite, Rule
 from lightning_dp.rules.conv import conv
 from lightning_dp.rules.embedding import EmbeddingOptions, embedding
@@ -52,6 +52,9 @@ class RoutedRule(Rule):
         self.fallback = fallback
 
     def forward(self, site: Any, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if site.compiled:  # a compiled graph cannot switch rules: an unrouted use is refused
+            with _RouteOps(site, module):
+                return site.original_forward(*args, **kwargs)
         pending = dict(site.clipper._pending)
         try:
             with _RouteOps(site, module):
@@ -78,22 +81,39 @@ class _RouteOps(TorchFunctionMode):
     def __init__(self, site: CallSite, module: nn.Module) -> None:
         super().__init__()
         self.site = site
-        self.owned = {
-            id(p): n for n, p in module.named_parameters(recurse=False) if n in site.param_keys
-        }
         self.params = {n: p for n, p in module.named_parameters(recurse=False) if n in site.param_keys}
-        #: id -> (tensor, parameter name, a) for tensors computed as ``a * param + c`` in this
-        #: forward (the tensor is held so that its id stays unique while the mode lives)
-        self.derived: dict[int, tuple[Tensor, str, float]] = {}
+        #: (tensor, parameter name, a, base shape) for tensors computed as ``a * param + c`` in
+        #: this forward; base shape: the one-row shape a parameter image was expanded from to
+        #: the batch (ViT's class token before ``torch.cat``), else None.
+        #: Tensors are matched by identity (``is``), never by ``id()``: under dynamo, ``id()``
+        #: of a graph input would guard on that very object and recompile at every new batch.
+        self.derived: list[tuple[Tensor, str, float, torch.Size | None]] = []
+
+    def owned(self, tensor: Any) -> str | None:
+        """The name of this module's own parameter ``tensor`` is, if it is one."""
+        for name, param in self.params.items():
+            if tensor is param:
+                return name
+        return None
 
     def image(self, tensor: Any) -> tuple[str, float] | None:
         """(parameter name, a) when ``tensor`` is a parameter or ``a * parameter + c``."""
         if not isinstance(tensor, Tensor):
             return None
-        if id(tensor) in self.owned:
-            return self.owned[id(tensor)], 1.0
-        entry = self.derived.get(id(tensor))
-        return None if entry is None else entry[1:]
+        name = self.owned(tensor)
+        if name is not None:
+            return name, 1.0
+        for derived, name, factor, _ in self.derived:
+            if tensor is derived:
+                return name, factor
+        return None
+
+    def expanded_from(self, tensor: Any) -> torch.Size | None:
+        """The one-row shape ``tensor`` (a parameter image) was expanded from to the batch."""
+        for derived, _, _, base in self.derived:
+            if tensor is derived:
+                return base
+        return None
 
     def names(self, **params: Tensor | None) -> dict[str, str] | None:
         """role -> parameter name when every given tensor is this module's own parameter (or
@@ -102,14 +122,16 @@ class _RouteOps(TorchFunctionMode):
         for role, tensor in params.items():
             if tensor is None:
                 continue
-            if id(tensor) not in self.owned:
+            name = self.owned(tensor)
+            if name is None:
                 return None
-            names[role] = self.owned[id(tensor)]
+            names[role] = name
         return names or None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        route = _ROUTES.get(func)
+        name = getattr(func, "__name__", None)
+        route = _ROUTES_BY_NAME[name] if name in _ROUTES_BY_NAME else _ROUTES.get(func)
         if route is not None:
             result = route(self, *args, **kwargs)
             if result is not NotImplemented:
@@ -214,12 +236,14 @@ def _derive(func: Any, factor_of: Any):
 
     def route(mode: _RouteOps, tensor: Any, *args: Any, **kwargs: Any):
         image = mode.image(tensor)
-        factor = None if image is None else factor_of(tensor, *args, **kwargs)
+        if image is None or mode.expanded_from(tensor) is not None:
+            return NotImplemented
+        factor = factor_of(tensor, *args, **kwargs)
         if factor is None:
             return NotImplemented
         result = func(tensor, *args, **kwargs)  # the mode is off inside its own handler
         if isinstance(result, Tensor) and result.numel() == tensor.numel():
-            mode.derived[id(result)] = (result, image[0], image[1] * factor)
+            mode.derived.append((result, image[0], image[1] * factor, None))
         return result
 
     return route
@@ -267,19 +291,47 @@ def _binary(func: Any, op: str, scalar_factor: Any):
         image_a, image_b = mode.image(a), mode.image(b)
         if (image_a is None) == (image_b is None):
             return NotImplemented  # no parameter, or both operands from parameters
+        if mode.expanded_from(a) is not None or mode.expanded_from(b) is not None:
+            return NotImplemented
         value, x, (name, factor) = (a, b, image_a) if image_a is not None else (b, a, image_b)
         if not isinstance(x, Tensor):
             scale = scalar_factor(value, x)
             if scale is None:
                 return NotImplemented
             result = func(a, b)
-            mode.derived[id(result)] = (result, name, factor * scale)
+            mode.derived.append((result, name, factor * scale, None))
             return result
         if not broadcasts_over_examples(x, value):
             return NotImplemented
         return elementwise(mode.site, op, x, value, mode.params[name], name, factor)
 
     return route
+
+
+def _expand(mode: _RouteOps, tensor: Any, *sizes: Any, **kwargs: Any):
+    """A one-row parameter image expanded to the batch (``cls_token.expand(B, -1, -1)``)."""
+    image = mode.image(tensor)
+    if image is None or mode.expanded_from(tensor) is not None or kwargs:
+        return NotImplemented
+    result = Tensor.expand(tensor, *sizes)
+    if tensor.dim() != result.dim() or tensor.shape[0] != 1 or result.shape[0] == 1:
+        return NotImplemented  # only a batch expansion of a one-row parameter is followed
+    mode.derived.append((result, image[0], image[1], tensor.shape))
+    return result
+
+
+def _cat(mode: _RouteOps, tensors: Any, dim: int = 0):
+    """``torch.cat`` of batch-expanded parameter images (class tokens) with per-example rows."""
+    images = []
+    for tensor in tensors:
+        image, base = mode.image(tensor), mode.expanded_from(tensor)
+        if image is not None and base is None:
+            return NotImplemented  # a parameter image that does not hold the batch
+        images.append(None if image is None else (mode.params[image[0]], image[0], base, image[1]))
+    dim = dim % tensors[0].dim()
+    if all(image is None for image in images) or all(image is not None for image in images) or dim == 0:
+        return NotImplemented
+    return concat(mode.site, list(tensors), dim, images)
 
 
 _ROUTES = {
@@ -292,6 +344,8 @@ _ROUTES = {
     F.layer_norm: _layer_norm,
     F.rms_norm: _rms_norm,
     F.group_norm: _group_norm,
+    Tensor.expand: _expand,
+    torch.cat: _cat,
 }
 _SAME = ("float", "double", "half", "bfloat16", "to", "type_as", "contiguous", "reshape", "unsqueeze",
          "squeeze", "clone")
@@ -303,3 +357,6 @@ _ROUTES.update({f: _derive(f, _negated_shift) for f in (Tensor.__rsub__, torch.r
 _ROUTES.update({f: _derive(f, _divided) for f in (Tensor.__truediv__, Tensor.div, torch.div)})
 _ROUTES.update({f: _binary(f, "mul", _scaled) for f in (Tensor.__mul__, Tensor.__rmul__, Tensor.mul, torch.mul)})
 _ROUTES.update({f: _binary(f, "add", _shift) for f in (Tensor.__add__, Tensor.__radd__, Tensor.add, torch.add)})
+# Tensor methods written in Python (``Tensor.__rsub__``) reach a mode traced by dynamo as the
+# function they wrap: find their routes by name too.
+_ROUTES_BY_NAME = {"__rsub__": _ROUTES[Tensor.__rsub__]}

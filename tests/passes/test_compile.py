@@ -47,16 +47,6 @@ GROUPS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """No dynamo state and no on-disk compile caches carried in, so the pass really runs here."""
-    torch._dynamo.reset()
-    with torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
-        yield
-    torch._dynamo.reset()
-
-
 def _setup(seed: int = 0):
     torch.manual_seed(seed)
     model = Compound().double()
