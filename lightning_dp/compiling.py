@@ -8,6 +8,7 @@ pass instead of Python book-keeping), then compile with inductor and the pass in
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -105,12 +106,14 @@ def compile(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
     weight gradients scheduled after the group's norm reduction. Keyword arguments go to
     ``torch.compile`` (``fullgraph=True`` works); the backend must be inductor.
     """
+    _warn_if_never_run_eagerly(model)
     return torch.compile(model, **_with_dp_pass(model, compile_kwargs))
 
 
 def compile_in_place(module: nn.Module, **compile_kwargs: Any) -> None:
     """As :func:`compile`, but compiles ``module``'s own call (``nn.Module.compile``), so a
     LightningModule keeps its identity and ``self(x)`` in ``training_step`` runs compiled."""
+    _warn_if_never_run_eagerly(module)
     module.compile(**_with_dp_pass(module, compile_kwargs))
 
 
@@ -125,6 +128,20 @@ def compile_submodules(model: nn.Module, modules: Sequence[nn.Module], **compile
     kwargs = _with_dp_pass(model, compile_kwargs, within=modules)
     for module in modules:
         module.forward = torch.compile(module.forward, **kwargs)
+
+
+def _warn_if_never_run_eagerly(model: nn.Module) -> None:
+    """The eager leak guard refuses any gradient that bypassed clipping (a private parameter
+    also read outside its module, say in the loss); compiled graphs hand autograd clipped
+    gradients, so only an eager step can see such a use. The strategies run one first."""
+    if not _state(model).clipper.stats:
+        warnings.warn(
+            "lightning_dp.compile: this private model has not run an eager training step, so the "
+            "leak guard (which refuses gradients that bypass clipping) has not checked it; "
+            "compiled graphs cannot. Run one step before compiling (DPStrategy(compile=True) "
+            "does), or check the model once with lightning_dp.self_check.",
+            stacklevel=3,
+        )
 
 
 def _shared_parameters(state: Any) -> list[str]:

@@ -10,8 +10,10 @@ to a relative ``tolerance``.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from lightning_dp.accounting._validation import (
     check_delta,
@@ -146,8 +148,9 @@ def noise_multiplier_for(
 
     guess = 1.0
     if accountant == "pld":
-        rdp_sigma = _search(eps_of("rdp"), target_epsilon, 1.0, 2.0, low, high,
-                            _RDP_GUESS_TOLERANCE)
+        with _quiet_rdp_orders():
+            rdp_sigma = _search(eps_of("rdp"), target_epsilon, 1.0, 2.0, low, high,
+                                _RDP_GUESS_TOLERANCE)
         # PLD is about as tight as RDP or tighter, so the RDP answer is a near-feasible start.
         guess = high if rdp_sigma is None else rdp_sigma
     sigma = _search(eps_of(accountant), target_epsilon, guess,
@@ -159,3 +162,21 @@ def noise_multiplier_for(
              "Raise target_epsilon, lower sample_rate or steps, or widen "
              "noise_multiplier_range.")
     return sigma
+
+
+class _DropUnconvergedOrders(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("_compute_log_a_frac failed to converge")
+
+
+@contextlib.contextmanager
+def _quiet_rdp_orders() -> Iterator[None]:
+    """Drop dp_accounting's warning that an RDP order did not converge, while RDP only supplies
+    the PLD search's starting guess: that order is left out of the minimum over orders, which
+    can only loosen the guess, and the answer is the PLD accountant's."""
+    logger, quiet = logging.getLogger("absl"), _DropUnconvergedOrders()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)

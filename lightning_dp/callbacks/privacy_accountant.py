@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_dp.accounting import PrivacyLedger, epsilon, noise_multiplier_for
@@ -30,6 +30,10 @@ def private_training_of(trainer: pl.Trainer) -> PrivateTraining:
             f"{type(trainer.strategy).__name__}; pass strategy='dp' (or 'dp_fsdp')."
         )
     return private
+
+
+#: Lightning's ``max_epochs`` when neither it nor ``max_steps`` is given.
+_LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
 
 
 class PrivacyAccountant(Callback):
@@ -73,6 +77,7 @@ class PrivacyAccountant(Callback):
         self.delta = delta
         self.accountant = accountant
         self.log_every_n_steps = log_every_n_steps
+        self._planned = 0
         self.log_clip_fraction = log_clip_fraction
         self.epsilon: float = 0.0
 
@@ -123,8 +128,23 @@ class PrivacyAccountant(Callback):
             + (f", target epsilon={self.target_epsilon}" if self.target_epsilon else "")
             + (f", resuming at step {private.ledger.steps} (epsilon {self.epsilon:.4g})" if private.ledger.steps else "")
         )
+        if trainer.max_steps == -1 and trainer.max_epochs == _LIGHTNING_DEFAULT_MAX_EPOCHS:
+            rank_zero_warn(
+                f"lightning-dp: the Trainer sets neither max_epochs nor max_steps, so the plan is "
+                f"Lightning's default of {_LIGHTNING_DEFAULT_MAX_EPOCHS} epochs ({planned} steps), "
+                f"and the privacy budget is spread over all of them: sigma={sigma:.4g}. Set "
+                "max_epochs or max_steps to the training you mean (fewer steps: less noise each)."
+            )
+        self._planned = int(min(planned, 10**9))
         if private.max_steps is not None and private.ledger.steps >= private.max_steps:
-            rank_zero_info("lightning-dp: the privacy budget is already spent; not training.")
+            if private.ledger.steps:
+                rank_zero_info("lightning-dp: the privacy budget is already spent; not training.")
+            else:
+                rank_zero_warn(
+                    f"lightning-dp: a single step at sigma={sigma:.4g} and q={q:.4g} already exceeds "
+                    f"target epsilon {self.target_epsilon}; not training. Raise noise_multiplier or "
+                    "target_epsilon, or pass noise_multiplier=None to calibrate it for the plan."
+                )
             trainer.should_stop = True
 
     def _use_accountant(self, private: PrivateTraining, num_samples: int) -> None:
@@ -175,10 +195,15 @@ class PrivacyAccountant(Callback):
                 pl_module.log(f"dp/clip_fraction/{name}", float(stats.clipped) / batch_size, on_step=True, on_epoch=False)
             pl_module.log(f"dp/threshold/{name}", clipper.groups[name].threshold, on_step=True, on_epoch=False)
         if stop and not trainer.should_stop:
-            rank_zero_info(
-                f"lightning-dp: stopping after step {steps}: one more step would exceed the target "
-                f"epsilon {self.target_epsilon} (spent {self.epsilon:.4g} at delta {self.delta:.3g})."
-            )
+            spent = f"epsilon {self.epsilon:.4f} of the target {self.target_epsilon} at delta {self.delta:.3g}"
+            if steps >= self._planned:
+                rank_zero_info(f"lightning-dp: privacy plan complete after step {steps}: {spent}.")
+            else:
+                rank_zero_info(
+                    f"lightning-dp: stopping after step {steps} of the {self._planned} planned: one "
+                    f"more step would exceed the budget ({spent}): the noise multiplier in use was "
+                    "not calibrated for this plan."
+                )
             trainer.should_stop = True
 
     @override

@@ -190,3 +190,15 @@ def test_a_group_split_across_graphs_is_refused_and_per_layer_groups_still_work(
     ldp.compile(private)(x).pow(2).sum().backward()
     for got, want in zip(private.parameters(), eager.parameters()):
         torch.testing.assert_close(got.grad, want.grad)
+
+
+def test_compiling_before_any_eager_step_warns_that_the_leak_guard_has_not_checked(recwarn):
+    model, ids = _setup()
+    private = ldp.make_private(model, clipping="layer")
+    with pytest.warns(UserWarning, match="has not run an eager training step"):
+        ldp.compile(private)
+    other = ldp.make_private(_setup()[0], clipping="layer")
+    loss_fn(other, ids).backward()  # one eager step: the guard has seen the model
+    recwarn.clear()
+    ldp.compile(other)
+    assert not [w for w in recwarn if "eager training step" in str(w.message)]
