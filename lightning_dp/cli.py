@@ -105,6 +105,15 @@ def register_resolvers() -> None:
             OmegaConf.register_resolver(name, resolver)
 
 
+DESCRIPTION = (
+    "lightning-dp: differentially private (epsilon, delta) training with PyTorch Lightning. "
+    "`fit --config configs/<recipe>.yaml` trains a recipe privately (Poisson sampling, "
+    "per-example clipping, calibrated noise, a privacy accountant); `export --config ... "
+    "--ckpt_path <run>/checkpoints/last.ckpt --output model.pt2` writes a torch.export program "
+    "with its privacy card. `lightning-dp <subcommand> --help` lists a subcommand's options."
+)
+
+
 def run(args: ArgsType = None) -> LightningDPCLI:
     """Parse ``args`` (default ``sys.argv``) and run the subcommand; returns the CLI object."""
     register_resolvers()
@@ -112,7 +121,7 @@ def run(args: ArgsType = None) -> LightningDPCLI:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return LightningDPCLI(
         trainer_class=DPTrainer,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf", "description": DESCRIPTION},
         save_config_kwargs={"overwrite": True},
         args=args,
     )

@@ -78,3 +78,11 @@ def test_fashion_recipe_fits_reports_and_exports_end_to_end(fashion_run, tmp_pat
     images = torch.randn(5, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(images), model(images))
+
+
+def test_help_says_what_the_tool_is_and_names_export(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    head = capsys.readouterr().out[:800]
+    assert "differentially private" in head and "export --config" in head and "privacy card" in head
