@@ -58,3 +58,22 @@ def median_threshold(grads: list[dict[str, Tensor]], members: list[str]) -> floa
     """A threshold that clips about half the examples, so clipping is really exercised."""
     norms = sorted(math.sqrt(sum(float(g[n].pow(2).sum()) for n in members)) for g in grads)
     return norms[len(norms) // 2] * 0.9 if norms else 1.0
+
+
+def thresholds_against_oracle(
+    model: nn.Module, private: nn.Module, examples: list, loss_fn: LossFn, clip_fn: str = "abadi"
+) -> tuple[dict[str, Tensor], dict[str, list[float]]]:
+    """Set each of ``private``'s groups to clip about half the examples (from the single-example
+    norms of an unmodified ``model``), check that some are clipped, and return the oracle's
+    clipped sum and per-example group norms for those thresholds."""
+    from lightning_dp.engine import clipper_of
+
+    clipper = clipper_of(private)
+    groups = {name: g.params for name, g in clipper.groups.items()}
+    grads = per_example_grads(model, examples, loss_fn)
+    thresholds = {g: median_threshold(grads, members) for g, members in groups.items()}
+    for name, threshold in thresholds.items():
+        clipper.groups[name].threshold = threshold
+    expected, norms = clipped_sum(grads, groups, thresholds, clip_fn)
+    assert any(n > thresholds[g] for g, values in norms.items() for n in values)
+    return expected, norms
