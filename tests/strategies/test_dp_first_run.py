@@ -79,3 +79,21 @@ def test_the_readmes_first_snippet_runs_to_completion_in_seconds(tmp_path, monke
     accountant = next(c for c in trainer.callbacks if isinstance(c, lightning_dp.PrivacyAccountant))
     assert trainer.current_epoch == 3 and trainer.global_step == 3 * N // BATCH
     assert 2.9 < accountant.epsilon <= 3.0
+
+
+class EpsilonPerStep(L.Callback):
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_batch_end(self, trainer, *args):
+        self.values.append(float(trainer.callback_metrics["epsilon"]))
+
+
+def test_epsilon_in_the_progress_bar_moves_at_every_step_while_cheap():
+    accountant = lightning_dp.PrivacyAccountant(target_epsilon=3.0, accountant="rdp", log_every_n_steps=50)
+    seen = EpsilonPerStep()
+    t = trainer(lightning_dp.DPStrategy(), callbacks=[accountant, seen], max_epochs=2)
+    t.fit(Classifier(), DataLoader(toy_dataset(N), batch_size=BATCH))
+    assert len(seen.values) == t.global_step == 16
+    assert all(b > a for a, b in zip(seen.values, seen.values[1:]))  # not only at steps 1 and 50
+    assert seen.values[-1] == pytest.approx(accountant.epsilon)
