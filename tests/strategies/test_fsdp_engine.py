@@ -122,3 +122,12 @@ def test_compiled_blocks_on_two_ranks_equal_one_eager_process(tmp_path):
             torch.testing.assert_close(rank["grads"][name], want, rtol=1e-5, atol=1e-6, msg=name)
     for group, want in want_norms.items():
         torch.testing.assert_close(torch.cat([rank["norms"][group] for rank in ranks]), want, rtol=1e-5, atol=1e-6)
+
+
+def test_block_types_that_match_no_module_are_refused_before_sharding():
+    from torch import nn
+
+    from lightning_dp.strategies.fsdp_sharding import shard_blocks
+
+    with pytest.raises(ValueError, match=r"block_types=\['LSTM'\] match no module of TinyTransformer"):
+        shard_blocks(TinyTransformer(), None, [nn.LSTM])
