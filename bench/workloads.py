@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-MODELS = ("cnn", "gpt", "vit")
+MODELS = ("cnn", "gpt", "vit", "hf-llama")
 
 # CPU sizes keep the whole suite to minutes on 2 cores; GPU sizes are the reference shapes
 # (GPT-2 small, ViT-B/16, a CIFAR-sized CNN). H100 and H200 share shapes and differ in the
@@ -20,12 +20,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cnn": dict(image=32, width=32, classes=10, batch=32),
         "gpt": dict(vocab=2000, d=128, layers=2, heads=4, seq=128, batch=8),
         "vit": dict(image=32, patch=4, d=128, layers=2, heads=4, classes=10, batch=16),
+        # an HF model as users build it: LlamaForCausalLM (RMSNorm routed, grouped-query attention)
+        "hf-llama": dict(vocab=2000, d=128, layers=2, heads=4, kv_heads=2, seq=128, batch=8),
     },
     "gpu-h100": {
         "budget_mib": 76_000,
         "cnn": dict(image=32, width=64, classes=10, batch=256),
         "gpt": dict(vocab=50257, d=768, layers=12, heads=12, seq=256, batch=16),
         "vit": dict(image=224, patch=16, d=768, layers=12, heads=12, classes=1000, batch=64),
+        "hf-llama": dict(vocab=32000, d=768, layers=12, heads=12, kv_heads=4, seq=256, batch=16),
     },
 }
 PRESETS["gpu-h200"] = dict(PRESETS["gpu-h100"], budget_mib=135_000)
@@ -44,11 +47,13 @@ def build(model: str, shape: dict, batch: int, device: Any) -> tuple[Any, Any, A
 
     torch.manual_seed(0)
     data = torch.Generator().manual_seed(1)
-    if model == "gpt":
-        cfg = GPTConfig(shape["vocab"], shape["d"], shape["layers"], shape["heads"], shape["seq"])
-        tokens = torch.randint(cfg.vocab, (batch, cfg.seq + 1), generator=data)
+    if model in ("gpt", "hf-llama"):
+        tokens = torch.randint(shape["vocab"], (batch, shape["seq"] + 1), generator=data)
         inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-        net = GPT(cfg)
+        if model == "gpt":
+            net = GPT(GPTConfig(shape["vocab"], shape["d"], shape["layers"], shape["heads"], shape["seq"]))
+        else:
+            net = _hf_llama(shape)
     else:
         if model == "vit":
             net = ViT(ViTConfig(shape["image"], shape["patch"], shape["d"], shape["layers"],
@@ -60,3 +65,25 @@ def build(model: str, shape: dict, batch: int, device: Any) -> tuple[Any, Any, A
         inputs = torch.randn(batch, 3, shape["image"], shape["image"], generator=data)
         targets = torch.randint(shape["classes"], (batch,), generator=data)
     return net.to(device), inputs.to(device), targets.to(device)
+
+
+def _hf_llama(shape: dict) -> Any:
+    """transformers' LlamaForCausalLM from a config (no download), returning logits."""
+    from torch import nn
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=shape["vocab"], hidden_size=shape["d"], intermediate_size=4 * shape["d"],
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"], max_position_embeddings=shape["seq"],
+    )
+
+    class Logits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = LlamaForCausalLM(config)
+
+        def forward(self, input_ids: Any) -> Any:
+            return self.model(input_ids=input_ids).logits
+
+    return Logits()
