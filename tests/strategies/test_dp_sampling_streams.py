@@ -13,7 +13,7 @@ import torch
 from dp_fixtures import Classifier, flat_params, lightning_dp, toy_dataset, trainer
 from torch.utils.data import DataLoader
 
-SCRIPT = Path(__file__).with_name("reload_resume_run.py")
+SCRIPT = Path(__file__).with_name("resume_run.py")
 N, BATCH, EPOCHS = 96, 24, 3  # 4 steps per epoch
 
 
@@ -54,7 +54,7 @@ def test_reloaded_epochs_draw_new_batches_from_the_same_stream():
 
 
 def _start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, str(SCRIPT), *args, "--reload"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
 
