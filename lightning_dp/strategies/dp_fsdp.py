@@ -34,6 +34,7 @@ from lightning_dp.engine.self_check import SelfCheckReport, self_check_across_ra
 from lightning_dp.rules.linear import NormMethod
 from lightning_dp.strategies.dp import check_trainer_supports_dp
 from lightning_dp.strategies.fsdp_sharding import (
+    fully_shard_kwargs,
     is_sharded,
     nested_units,
     shard_blocks,
@@ -210,7 +211,7 @@ def shard_lightning_module(module: nn.Module, mesh: Any, block_types: Any, mp_po
     as FSDP forward methods.
     """
     shard_blocks(module, mesh, block_types, mp_policy)
-    kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
+    kwargs = fully_shard_kwargs(mesh, mp_policy)
     if loose_parameters(module):
         fully_shard(module, **kwargs)
         for name in STEP_METHODS:

@@ -50,6 +50,14 @@ def nested_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
+def fully_shard_kwargs(mesh: object, mp_policy: MixedPrecisionPolicy | None) -> dict[str, object]:
+    """``fully_shard`` keyword arguments: the mesh and mixed precision when given."""
+    kwargs: dict[str, object] = {"mesh": mesh} if mesh is not None else {}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    return kwargs
+
+
 def shard_blocks(
     model: nn.Module,
     mesh: object,
@@ -65,9 +73,7 @@ def shard_blocks(
             f"dp_fsdp: block_types={[t.__name__ for t in types]} match no module of "
             f"{type(model).__name__}; pass the classes of its repeated blocks, or None to detect them."
         )
-    kwargs = {"mesh": mesh} if mesh is not None else {}
-    if mp_policy is not None:
-        kwargs["mp_policy"] = mp_policy
+    kwargs = fully_shard_kwargs(mesh, mp_policy)
     for module in reversed(blocks):
         fully_shard(module, **kwargs)
 
@@ -80,9 +86,7 @@ def shard_for_dp(
 ) -> nn.Module:
     """``fully_shard`` every block (given or detected), then the root."""
     shard_blocks(model, mesh, block_types, mp_policy)
-    kwargs = {"mesh": mesh} if mesh is not None else {}
-    if mp_policy is not None:
-        kwargs["mp_policy"] = mp_policy
+    kwargs = fully_shard_kwargs(mesh, mp_policy)
     fully_shard(model, **kwargs)
     return model
 
