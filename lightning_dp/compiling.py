@@ -17,7 +17,6 @@ from torch import nn
 
 from lightning_dp.engine import deferred_ops
 from lightning_dp.engine.make_private import _state
-from lightning_dp.rules import FuncFallbackRule
 
 PASS_OPTION = "post_grad_custom_pre_pass"
 
@@ -31,19 +30,12 @@ def prepare_for_compile(model: nn.Module, within: Sequence[nn.Module] | None = N
     clipper = state.clipper
     inside = _modules_inside(within) if within is not None else None
     sites = [site for site in state.sites if inside is None or id(site.module) in inside]
-    refused = [f"`{site.path}`" for site in sites if isinstance(site.rule, FuncFallbackRule)]
+    refused = [f"`{site.path}`" for site in sites if not site.rule.compilable(site.module)]
     if refused:
         raise ValueError(
             f"lightning_dp.compile: modules {refused} use the torch.func fallback (which records "
             "per-call state in the backward) and cannot be compiled yet. Register a rule for them "
             "(@lightning_dp.rules.register), freeze them, or train this model without compile."
-        )
-    shared = _shared_parameters(state)
-    if shared:
-        raise ValueError(
-            f"lightning_dp.compile: parameters {shared} are used by several modules (tied weights); "
-            "their per-example gradient is the sum over the uses, which only the eager engine "
-            "instantiates. Untie them or train this model without compile."
         )
     compiled_groups = {group for site in sites for group in site.groups}
     split = sorted({g for site in state.sites if site not in sites for g in site.groups} & compiled_groups)
@@ -58,8 +50,9 @@ def prepare_for_compile(model: nn.Module, within: Sequence[nn.Module] | None = N
     compiled_params = {key for site in sites for key in site.param_keys.values()}
     for site in sites:
         site.compiled = True
+    clipper.shared = frozenset(_shared_parameters(state)) | frozenset(clipper.repeated)
     # Compiled primitives return clipped gradients through autograd, which the eager leak guard
-    # would reject; the refusal of shared parameters above stands in for it.
+    # would reject; the eager step before compiling is where that guard checks the model.
     for name, hook in zip(list(state.params), list(state.hooks)):
         if name in compiled_params:
             hook.remove()
@@ -68,6 +61,7 @@ def prepare_for_compile(model: nn.Module, within: Sequence[nn.Module] | None = N
         "gamma": clipper.gamma,
         "groups": {name: clipper.groups[name].params for name in sorted(compiled_groups)},
         "norm_method": clipper.options.norm_method,
+        "shared": sorted(clipper.shared),
     }
 
 
@@ -145,7 +139,8 @@ def _warn_if_never_run_eagerly(model: nn.Module) -> None:
 
 
 def _shared_parameters(state: Any) -> list[str]:
-    """Canonical names of parameters reached through more than one private module."""
+    """Canonical names of parameters reached through more than one private module (a module
+    called twice shows only in a forward: the clipper's ``repeated``, from eager steps)."""
     owners: dict[str, int] = {}
     for site in state.sites:
         for canonical in set(site.param_keys.values()):

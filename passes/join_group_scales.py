@@ -7,6 +7,10 @@ pass replaces the nodes of one group by a single ``clip_scale([norm_sq, ...], cl
 placed after the last member's norm, then re-sorts the graph so that every weight-gradient
 computation of the group runs after it: flat and group clipping in one backward pass
 (book-keeping), per-layer clipping fused with its own layer's backward.
+
+A tied parameter's uses emit ``shared_scale(per_example, clipper, group, site, param)`` instead:
+its per-example norm is that of the sum over its uses, so the pass adds one
+``shared_norm_sq([per_example, ...])`` per parameter, after its last use, to the group's norms.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from torch import fx
 from lightning_dp.engine.deferred_ops import clipper_by_id  # also registers the ops
 
 GROUP_SCALE = torch.ops.lightning_dp.group_scale.default
+SHARED_SCALE = torch.ops.lightning_dp.shared_scale.default
+SHARED_NORM_SQ = torch.ops.lightning_dp.shared_norm_sq.default
 CLIP_SCALE = torch.ops.lightning_dp.clip_scale.default
 
 #: Rewrites done in this process (tests assert on it).
@@ -30,16 +36,17 @@ def join_group_scales(graph: fx.Graph) -> int:
     """Replace every group's ``group_scale`` nodes by one ``clip_scale``; return groups joined."""
     members: dict[tuple[int, str], list[fx.Node]] = defaultdict(list)
     for node in graph.nodes:
-        if node.target is GROUP_SCALE:
+        if node.target in (GROUP_SCALE, SHARED_SCALE):
             _, clipper, group, _, _ = node.args
             members[(clipper, group)].append(node)
     if not members:
         return 0
     position = {node: i for i, node in enumerate(graph.nodes)}
     for (clipper, group), nodes in members.items():
-        _check_one_use_per_parameter(group, nodes)
+        own = [node for node in nodes if node.target is GROUP_SCALE]
+        _check_one_use_per_parameter(group, own)
         _check_whole_group(clipper, group, nodes)
-        norms = [node.args[0] for node in nodes]
+        norms = [node.args[0] for node in own] + _shared_norms(graph, nodes, position)
         last = max(norms, key=position.__getitem__)
         with graph.inserting_after(last):
             joined = graph.call_function(CLIP_SCALE, (norms, clipper, group))
@@ -53,10 +60,28 @@ def join_group_scales(graph: fx.Graph) -> int:
     return len(members)
 
 
+def _shared_norms(graph: fx.Graph, nodes: list[fx.Node], position: dict[fx.Node, int]) -> list[fx.Node]:
+    """One ``shared_norm_sq`` node per shared parameter of the group, over all its uses."""
+    uses: dict[str, list[fx.Node]] = defaultdict(list)
+    for node in nodes:
+        if node.target is SHARED_SCALE:
+            uses[node.args[4]].append(node.args[0])
+    norms = []
+    for per_example in uses.values():
+        last = max(per_example, key=position.__getitem__)
+        with graph.inserting_after(last):
+            norm = graph.call_function(SHARED_NORM_SQ, (per_example,))
+        norm.meta["val"] = SHARED_NORM_SQ(*[[use.meta["val"] for use in per_example]])
+        position[norm] = position[last] + 0.5  # after its last use, for the choice of `last` below
+        norms.append(norm)
+        counters["shared_parameters"] += 1
+    return norms
+
+
 def _check_one_use_per_parameter(group: str, nodes: list[fx.Node]) -> None:
     """Calls with disjoint parameters (a module's own forward scaling by one parameter and
-    shifting by another) add their squared norms; two calls of one parameter would need the
-    cross term of their per-example gradients, which the compiled path does not compute."""
+    shifting by another) add their squared norms; two calls of one parameter need the cross
+    term of their per-example gradients, so they must come as ``shared_scale`` nodes."""
     seen: set[str] = set()
     for node in nodes:
         params = set(node.args[4].split(","))
@@ -64,10 +89,10 @@ def _check_one_use_per_parameter(group: str, nodes: list[fx.Node]) -> None:
         if repeated:
             raise RuntimeError(
                 f"lightning-dp: parameters {repeated} of clipping group {group!r} are used more "
-                "than once per forward in a compiled model (a module called twice, or a tied "
-                "weight); their per-example gradient is the sum over the uses, which the compiled "
-                "path does not instantiate. Train this model without lightning_dp.compile (the "
-                "eager engine handles repeated uses)."
+                "than once per forward in a compiled model (a module called twice) that no eager "
+                "step showed before compiling; their per-example gradient is the sum over the "
+                "uses. Run one eager training step before lightning_dp.compile (DPStrategy("
+                "compile=True) does), so that the compiled graph sums them."
             )
         seen |= params
 

@@ -141,6 +141,43 @@ class ScaleShift(nn.Module):
         return torch.mul(2.0 - self.flip, h)
 
 
+class TorchEncoder(nn.Module):
+    """``nn.TransformerEncoder`` over embeddings, called as its docs show: a causal mask with
+    the ``is_causal`` hint and a key padding mask (True: padding)."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, d)
+        layer = nn.TransformerEncoderLayer(d, 2, 12, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        causal = nn.Transformer.generate_square_subsequent_mask(input_ids.shape[1], dtype=torch.float64)
+        padding = torch.zeros(attention_mask.shape, dtype=torch.float64).masked_fill(attention_mask == 0, float("-inf"))
+        h = self.encoder(self.embed(input_ids), mask=causal, src_key_padding_mask=padding, is_causal=True)
+        return self.head(h)
+
+
+class TorchDecoder(nn.Module):
+    """``nn.TransformerDecoderLayer``: self-attention, then cross-attention to a memory
+    (key and value the same tensor), and an ``nn.MultiheadAttention`` whose key and value
+    differ, returning its attention weights."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, d)
+        self.decoder = nn.TransformerDecoderLayer(d, 2, 12, dropout=0.0, batch_first=True)
+        self.attend = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        memory = self.embed(input_ids[:, :3]).flip(1)
+        h = self.decoder(self.embed(input_ids), memory, memory_key_padding_mask=attention_mask[:, :3] == 0)
+        out, weights = self.attend(h, memory, memory.tanh())
+        return self.head(out) + weights.sum(-1, keepdim=True)
+
+
 def _plain(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return model(**batch)
 
@@ -212,6 +249,9 @@ ZOO = [
     ZooCase("lora_llama", _lora(_hf("LlamaConfig", "LlamaForCausalLM", **_DECODER),
                                 ["q_proj", "v_proj", "down_proj"]),
             _text, _logits, needs=("transformers", "peft")),
+    # torch.nn's attention through its projections (no fallback), self- and cross-attention
+    ZooCase("torch_encoder", TorchEncoder, _text, _plain, needs=()),
+    ZooCase("torch_decoder", TorchDecoder, _text, _plain, needs=()),
     ZooCase("lstm", lambda: Recurrent(nn.LSTM, batch_first=True), lambda: {"input_ids": _ids()},
             _plain, needs=()),
     ZooCase("gru_time_major", lambda: Recurrent(nn.GRU, batch_first=False),

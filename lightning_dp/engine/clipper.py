@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_dp.engine.clip_fns import CLIP_FNS
-from lightning_dp.engine.deferred_ops import group_scale
+from lightning_dp.engine.deferred_ops import group_scale, shared_scale
 from lightning_dp.rules.base import Rule
 from lightning_dp.rules.protocol import GradUse, upcast
 
@@ -127,6 +127,13 @@ class Clipper:
         self.enabled = True
         #: How compiled code finds this clipper at run time (set by ``lightning_dp.compile``).
         self.id: int | None = None
+        #: Set by ``lightning_dp.compile``: parameters several sites use (tied weights), whose
+        #: compiled per-example norms need the sum over their uses.
+        self.shared: frozenset[str] = frozenset()
+        #: Parameters an eager backward saw used more than once (a module called twice):
+        #: compiled graphs treat them as shared.
+        self.repeated: set[str] = set()
+        self._uses_per_param: dict[str, int] = defaultdict(int)
         #: Fixed-shape micro-batches: only the first ``real_rows`` examples are real, the rest is
         #: padding whose contribution must be exactly zero. None: every row is real.
         self.real_rows: int | None = None
@@ -213,7 +220,10 @@ class Clipper:
 
     def on_backward(self, site: Site, use: GradUse) -> None:
         self._queue_finish_callback()
-        touched = {self.group_of[site.param_keys[use.names[role]]] for role in use.params}
+        canonical = [site.param_keys[use.names[role]] for role in use.params]
+        for name in canonical:
+            self._uses_per_param[name] += 1
+        touched = {self.group_of[name] for name in canonical}
         for group in site.groups:
             if group in touched:
                 self._uses[group].append((site, use))
@@ -241,6 +251,7 @@ class Clipper:
             late = sorted(self._uses)
             self._uses.clear()
             self._pending.clear()
+            self._uses_per_param.clear()
             self._callback_task = None
             raise RuntimeError(
                 f"lightning-dp: clipping groups {late} were still waiting for calls whose outputs "
@@ -250,6 +261,8 @@ class Clipper:
             )
         for group in list(self._uses):
             self._finalize(group)
+        self.repeated.update(name for name, count in self._uses_per_param.items() if count > 1)
+        self._uses_per_param.clear()
         self._pending.clear()
         self._callback_task = None
         if not self.examples_pinned:
@@ -321,20 +334,33 @@ class Clipper:
 
         Each group this call touches gets one ``group_scale`` node over the call's share of the
         group's squared norms, naming the parameters it covers; ``lightning_dp.passes`` joins the
-        nodes of a group into one (a module's calls may share a group but not a parameter).
+        nodes of a group into one (a module's calls may share a group but not a parameter). A
+        shared parameter's use gets a ``shared_scale`` node over its per-example gradients, which
+        the pass sums with the parameter's other uses before taking the norm.
         """
         by_group: dict[str, list[str]] = defaultdict(list)
         for role in use.params:
             by_group[self.group_of[site.param_keys[use.names[role]]]].append(role)
         grads = {}
         for group_name, names in by_group.items():
-            norm_sq = use.norm_sq(names[0])
-            for name in names[1:]:
-                norm_sq = norm_sq + use.norm_sq(name)
-            params = ",".join(sorted(site.param_keys[use.names[role]] for role in names))
-            scale = group_scale(norm_sq, self.id, group_name, site.index, params)
+            keys = {name: site.param_keys[use.names[name]] for name in names}
+            own = [name for name in names if keys[name] not in self.shared]
+            scales = {}
+            if own:
+                norm_sq = use.norm_sq(own[0])
+                for name in own[1:]:
+                    norm_sq = norm_sq + use.norm_sq(name)
+                params = ",".join(sorted(keys[name] for name in own))
+                scale = group_scale(norm_sq, self.id, group_name, site.index, params)
+                scales = dict.fromkeys(own, scale)
             for name in names:
-                grads[name] = use.clipped_grad(name, scale).to(use.params[name].dtype)
+                if name not in scales:
+                    per_example = upcast(use.per_example(name))
+                    scales[name] = shared_scale(per_example, self.id, group_name, site.index, keys[name])
+            # each node feeds a gradient (unused ones would be dropped before the pass); the pass
+            # replaces all of the group's nodes by one
+            for name in names:
+                grads[name] = use.clipped_grad(name, scales[name]).to(use.params[name].dtype)
         return grads
 
 

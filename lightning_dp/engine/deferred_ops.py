@@ -8,6 +8,11 @@ run. The graph pass (``lightning_dp.passes``) replaces all ``group_scale`` nodes
 one ``clip_scale`` over all members' norms, placed after the last of them, so the compiled
 backward finishes flat and group clipping in one pass. A graph that skipped the pass fails
 loudly instead of clipping each layer on its own (which would break the sensitivity bound).
+
+A parameter several modules use (a tied embedding and LM head) has as per-example gradient the
+sum over its uses, whose norm has cross terms no single use can see. Each use hands its
+instantiated per-example gradient to ``shared_scale`` instead; the pass sums the uses of one
+parameter in ``shared_norm_sq`` and adds the result to the group's norms.
 """
 
 from __future__ import annotations
@@ -60,6 +65,31 @@ def group_scale(norm_sq: Tensor, clipper: int, group: str, site: int, params: st
 @group_scale.register_fake
 def _(norm_sq: Tensor, clipper: int, group: str, site: int, params: str) -> Tensor:
     return torch.empty_like(norm_sq)
+
+
+@torch.library.custom_op("lightning_dp::shared_scale", mutates_args=())
+def shared_scale(per_example: Tensor, clipper: int, group: str, site: int, param: str) -> Tensor:
+    """As ``group_scale`` for one use of a shared parameter (``per_example``: [B, *shape])."""
+    return group_scale(per_example.flatten(1).sum(1), clipper, group, site, param)
+
+
+@shared_scale.register_fake
+def _(per_example: Tensor, clipper: int, group: str, site: int, param: str) -> Tensor:
+    return per_example.new_empty(per_example.shape[:1])
+
+
+@torch.library.custom_op("lightning_dp::shared_norm_sq", mutates_args=())
+def shared_norm_sq(uses: list[Tensor]) -> Tensor:
+    """Per-example squared norm of a shared parameter's gradient: of the sum of its ``uses``."""
+    total = uses[0]
+    for use in uses[1:]:
+        total = total + use
+    return total.pow(2).flatten(1).sum(1)
+
+
+@shared_norm_sq.register_fake
+def _(uses: list[Tensor]) -> Tensor:
+    return uses[0].new_empty(uses[0].shape[:1])
 
 
 @torch.library.custom_op("lightning_dp::clip_scale", mutates_args=())

@@ -37,6 +37,11 @@ class Rule:
         params = module.named_parameters(recurse=self.covers_subtree)
         return [n for n, p in params if p.requires_grad and (self.handles is None or n in self.handles)]
 
+    def compilable(self, module: nn.Module) -> bool:
+        """False when the rule keeps per-call state in Python (the torch.func fallback), which
+        ``lightning_dp.compile`` refuses."""
+        return True
+
     def validate(self, module: nn.Module, path: str) -> None:
         """Raise if this module's configuration cannot be made private (e.g. mixes examples)."""
 

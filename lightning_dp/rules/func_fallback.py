@@ -139,6 +139,9 @@ class FuncFallbackRule(Rule):
     def __init__(self, covers_subtree: bool = False) -> None:
         self.covers_subtree = covers_subtree
 
+    def compilable(self, module: nn.Module) -> bool:
+        return False
+
     def example_dims(
         self, module: nn.Module, inputs: list[Any], outputs: list[Tensor]
     ) -> tuple[list[int | None], list[int]]:

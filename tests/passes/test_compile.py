@@ -10,12 +10,12 @@ import copy
 
 import pytest
 import torch
+from lightning_dp.passes import DPGraphPass
+from lightning_dp.passes.join_group_scales import counters
+from oracle import clipped_sum, median_threshold, per_example_grads, thresholds_against_oracle
 from torch import Tensor, nn
 
 import lightning_dp as ldp
-from lightning_dp.passes import DPGraphPass
-from lightning_dp.passes.join_group_scales import counters
-from oracle import clipped_sum, median_threshold, per_example_grads
 
 
 class Compound(nn.Module):
@@ -127,22 +127,53 @@ def test_uuid_covers_the_dp_settings():
     assert a.uuid() == DPGraphPass({"clip_fn": "abadi", "groups": {"flat": ["w"]}}).uuid()
     assert a.uuid() != DPGraphPass({"clip_fn": "automatic", "groups": {"flat": ["w"]}}).uuid()
     assert a.uuid() != DPGraphPass({"clip_fn": "abadi", "groups": {"a": ["w"]}}).uuid()
+    shared = DPGraphPass({"clip_fn": "abadi", "groups": {"flat": ["w"]}, "shared": ["w"]})
+    assert a.uuid() != shared.uuid()
 
 
 class Tied(nn.Module):
+    """A head tied to the embedding, and a layer called twice in one forward."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.embed = nn.Embedding(5, 4)
-        self.head = nn.Linear(4, 5, bias=False)
+        self.embed = nn.Embedding(7, 4)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 7, bias=False)
         self.head.weight = self.embed.weight
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.head(self.embed(ids))
+        return self.head(self.mix(torch.tanh(self.mix(self.embed(ids)))))
 
 
-def test_refuses_what_the_compiled_path_cannot_clip_exactly():
-    with pytest.raises(ValueError, match=r"\['embed.weight'\] are used by several modules"):
-        ldp.compile(ldp.make_private(Tied()))
+@pytest.mark.parametrize("clipping", ["layer", "flat"])
+def test_tied_weights_and_a_module_called_twice_compile_exactly(clipping):
+    """Each shared parameter's norm is that of the sum over its uses (the cross terms
+    included), computed inside the compiled backward; checked against the single-example loop."""
+    torch.manual_seed(0)
+    model = Tied().double()
+    ids = torch.randint(0, 7, (5, 6))
+    private = ldp.make_private(copy.deepcopy(model), clipping=clipping)
+    loss_fn(private, ids).backward()  # the eager step shows that `mix` runs twice
+    expected, _ = thresholds_against_oracle(model, private, [ids[i : i + 1] for i in range(5)], loss_fn)
+    private.zero_grad(set_to_none=True)
+    counters.clear()
+
+    loss_fn(ldp.compile(private, fullgraph=True), ids).backward()
+
+    assert counters["shared_parameters"] == 3  # embed.weight (tied), mix.weight and mix.bias (twice)
+    for name, param in private.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_a_module_called_twice_is_refused_when_no_eager_step_showed_it():
+    private = ldp.make_private(Tied())
+    with pytest.warns(UserWarning, match="has not run an eager training step"):
+        compiled = ldp.compile(private)
+    with pytest.raises(RuntimeError, match=r"\['mix.bias', 'mix.weight'\].*used more than once"):
+        loss_fn(compiled, torch.randint(0, 7, (5, 6))).backward()
+
+
+def test_refuses_backends_other_than_inductor():
     with pytest.raises(ValueError, match="backend='inductor'"):
         ldp.compile(ldp.make_private(nn.Linear(2, 2)), backend="eager")
 
