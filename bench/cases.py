@@ -57,7 +57,9 @@ def build_step(job: dict, model: Any, inputs: Any, targets: Any) -> tuple[Callab
         clipping = case.removeprefix("ldp-").removesuffix("-compiled")
         lightning_dp.make_private(model, clipping=clipping, max_grad_norm=clip,
                                   norm_method=job.get("norm_method", "auto"))
-        if case.endswith("-compiled"):
+        if case.endswith("-compiled"):  # one eager step first, as the strategies run
+            per_example_loss(model(inputs), targets).sum().backward()
+            model.zero_grad(set_to_none=True)
             trained = lightning_dp.compile(model)
     elif case.startswith("opacus-"):
         return _opacus_step(job, model, optimizer, inputs, targets)

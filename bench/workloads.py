@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-MODELS = ("cnn", "gpt", "vit", "hf-llama")
+MODELS = ("cnn", "gpt", "vit", "hf-llama", "hf-gpt2")
 
 # CPU sizes keep the whole suite to minutes on 2 cores; GPU sizes are the reference shapes
 # (GPT-2 small, ViT-B/16, a CIFAR-sized CNN). H100 and H200 share shapes and differ in the
@@ -22,6 +22,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vit": dict(image=32, patch=4, d=128, layers=2, heads=4, classes=10, batch=16),
         # an HF model as users build it: LlamaForCausalLM (RMSNorm routed, grouped-query attention)
         "hf-llama": dict(vocab=2000, d=128, layers=2, heads=4, kv_heads=2, seq=128, batch=8),
+        # the GPT-2 shape as users build it: GPT2LMHeadModel, its head tied to the token embedding
+        "hf-gpt2": dict(vocab=2000, d=128, layers=2, heads=4, seq=128, batch=8),
     },
     "gpu-h100": {
         "budget_mib": 76_000,
@@ -29,6 +31,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "gpt": dict(vocab=50257, d=768, layers=12, heads=12, seq=256, batch=16),
         "vit": dict(image=224, patch=16, d=768, layers=12, heads=12, classes=1000, batch=64),
         "hf-llama": dict(vocab=32000, d=768, layers=12, heads=12, kv_heads=4, seq=256, batch=16),
+        "hf-gpt2": dict(vocab=50257, d=768, layers=12, heads=12, seq=256, batch=16),
     },
 }
 PRESETS["gpu-h200"] = dict(PRESETS["gpu-h100"], budget_mib=135_000)
@@ -47,13 +50,15 @@ def build(model: str, shape: dict, batch: int, device: Any) -> tuple[Any, Any, A
 
     torch.manual_seed(0)
     data = torch.Generator().manual_seed(1)
-    if model in ("gpt", "hf-llama"):
+    if model in ("gpt", "hf-llama", "hf-gpt2"):
         tokens = torch.randint(shape["vocab"], (batch, shape["seq"] + 1), generator=data)
         inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
         if model == "gpt":
             net = GPT(GPTConfig(shape["vocab"], shape["d"], shape["layers"], shape["heads"], shape["seq"]))
-        else:
+        elif model == "hf-llama":
             net = _hf_llama(shape)
+        else:
+            net = _hf_gpt2(shape)
     else:
         if model == "vit":
             net = ViT(ViTConfig(shape["image"], shape["patch"], shape["d"], shape["layers"],
@@ -69,7 +74,6 @@ def build(model: str, shape: dict, batch: int, device: Any) -> tuple[Any, Any, A
 
 def _hf_llama(shape: dict) -> Any:
     """transformers' LlamaForCausalLM from a config (no download), returning logits."""
-    from torch import nn
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -77,11 +81,29 @@ def _hf_llama(shape: dict) -> Any:
         num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
         num_key_value_heads=shape["kv_heads"], max_position_embeddings=shape["seq"],
     )
+    return _logits_only(LlamaForCausalLM(config))
+
+
+def _hf_gpt2(shape: dict) -> Any:
+    """transformers' GPT2LMHeadModel from a config (tied head, dropout off), returning logits."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=shape["vocab"], n_embd=shape["d"], n_layer=shape["layers"],
+        n_head=shape["heads"], n_positions=shape["seq"], resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return _logits_only(GPT2LMHeadModel(config))
+
+
+def _logits_only(model: Any) -> Any:
+    """The HF model called as ``model(input_ids=...)``, returning only its logits."""
+    from torch import nn
 
     class Logits(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.model = LlamaForCausalLM(config)
+            self.model = model
 
         def forward(self, input_ids: Any) -> Any:
             return self.model(input_ids=input_ids).logits
