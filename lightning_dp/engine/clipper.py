@@ -42,12 +42,20 @@ class Group:
 class GroupStats:
     """What the last backward saw for one group (for logging and adaptive thresholds).
 
-    Counts stay tensors so that reading them is the caller's choice of a device sync.
+    Only the norms are kept in the backward (the counts are computed when read), and counts stay
+    tensors so that reading them is the caller's choice of a device sync.
     """
 
     norms: Tensor
-    clipped: Tensor
-    nonfinite: Tensor
+    threshold: float
+
+    @property
+    def clipped(self) -> Tensor:
+        return (self.norms > self.threshold).sum()
+
+    @property
+    def nonfinite(self) -> Tensor:
+        return (~torch.isfinite(self.norms)).sum()
 
 
 @dataclass(frozen=True)
@@ -312,18 +320,13 @@ class Clipper:
         """
         group = self.groups[group_name]
         norms = norm_sq.sqrt()
-        finite = torch.isfinite(norms)
-        keep = finite
+        keep = torch.isfinite(norms)
+        real = norms.detach()
         if self.real_rows is not None:
-            keep = keep & (torch.arange(norms.shape[0], device=norms.device) < self.real_rows)
-        scale = self.clip_fn(norms, group.threshold, self.gamma)
-        scale = torch.where(keep, scale, torch.zeros_like(scale))
-        real = norms[: self.real_rows].detach()
-        self.stats[group_name] = GroupStats(
-            norms=real,
-            clipped=(real > group.threshold).sum(),
-            nonfinite=(~torch.isfinite(real)).sum(),
-        )
+            keep[self.real_rows :] = False
+            real = real[: self.real_rows]
+        scale = torch.where(keep, self.clip_fn(norms, group.threshold, self.gamma), 0.0)
+        self.stats[group_name] = GroupStats(norms=real, threshold=group.threshold)
         if self.count_within:  # centred bits of real rows; a non-finite norm counts as outside
             within = (real <= group.threshold).sum(dtype=torch.float32) - 0.5 * real.numel()
             self._counts[group_name] = self._counts.get(group_name, 0.0) + within.detach()

@@ -81,10 +81,10 @@ def _(per_example: Tensor, clipper: int, group: str, site: int, param: str) -> T
 @torch.library.custom_op("lightning_dp::shared_norm_sq", mutates_args=())
 def shared_norm_sq(uses: list[Tensor]) -> Tensor:
     """Per-example squared norm of a shared parameter's gradient: of the sum of its ``uses``."""
-    total = uses[0]
-    for use in uses[1:]:
-        total = total + use
-    return total.pow(2).flatten(1).sum(1)
+    total = uses[0] + uses[1] if len(uses) > 1 else uses[0]
+    for use in uses[2:]:
+        total += use
+    return torch.linalg.vector_norm(total.flatten(1), dim=1).square()
 
 
 @shared_norm_sq.register_fake
