@@ -1,6 +1,7 @@
 """Side-by-side benchmark suite: non-private vs lightning-dp vs Opacus on three models.
 
     python bench/suite.py compare [--preset cpu|gpu-h100|gpu-h200] [--models cnn gpt vit] ...
+    python bench/suite.py compare --models gpt --seqs 64 128 256 512 1024   # one table per T
     python bench/suite.py scaling [--preset ...] [--seqs 32 128 512] [--batches 4 16] ...
 
 ``compare`` runs every case of bench/cases.py on each model (bench/workloads.py) in one fresh
@@ -34,7 +35,7 @@ from harness import (
     time_steps,
 )
 from report import compare_table, plot_compare, plot_scaling, scaling_table
-from workloads import MODELS, PRESETS, build, describe
+from workloads import MODELS, PRESETS, TOKEN_MODELS, at_sequence_length, build, describe
 
 NORM_METHODS = ("ghost", "instantiate", "auto")
 SCALING = {  # sequence lengths and batch sizes of the scaling grid, per preset
@@ -78,6 +79,9 @@ def parse_args() -> argparse.Namespace:
     cmp.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     cmp.add_argument("--memory-budget-mib", type=float, default=None,
                      help="budget of the largest-batch search; default the preset's, 0 = off")
+    cmp.add_argument("--seqs", nargs="+", type=int, default=None,
+                     help="token models at these sequence lengths (same tokens per batch; one "
+                          "layer from 512 on), one table each")
     cmp.add_argument("--batch-limit", type=int, default=4096, help="largest batch the search tries")
     cmp.add_argument("--search-cases", nargs="+", choices=CASES, default=list(CASES),
                      help="cases whose largest batch is searched (compiled ones recompile per probe)")
@@ -116,16 +120,20 @@ def compare(args: argparse.Namespace) -> None:
     unit = "MiB RSS" if args.device == "cpu" else "MiB alloc"
     tables, results = [], {}
     for model in args.models:
-        shape = preset[model]
-        job = dict(base_job(args), model=model, shape=shape, batch=shape["batch"],
-                   batch_limit=args.batch_limit)
-        jobs = {c: dict(job, case=c, budget_mib=budget if c in args.search_cases else 0) for c in cases}
-        results[model] = run_rounds(jobs, args.rounds)
-        title = (f"{describe(model, shape)}, batch {shape['batch']}, {args.device}, {args.optimizer}, "
-                 f"C={args.max_grad_norm}; median of {args.steps} steps after {args.warmup} warm-up, "
-                 f"best of {args.rounds} round(s)")
-        tables.append(compare_table(title, results[model], unit, budget or None))
-        print(tables[-1] + "\n", flush=True)
+        shapes = [preset[model]]
+        if args.seqs and model in TOKEN_MODELS:
+            shapes = [at_sequence_length(preset[model], seq) for seq in args.seqs]
+        for shape in shapes:
+            job = dict(base_job(args), model=model, shape=shape, batch=shape["batch"],
+                       batch_limit=args.batch_limit)
+            jobs = {c: dict(job, case=c, budget_mib=budget if c in args.search_cases else 0) for c in cases}
+            key = model if len(shapes) == 1 else f"{model}-T{shape['seq']}"
+            results[key] = run_rounds(jobs, args.rounds)
+            title = (f"{describe(model, shape)}, batch {shape['batch']}, {args.device}, {args.optimizer}, "
+                     f"C={args.max_grad_norm}; median of {args.steps} steps after {args.warmup} "
+                     f"warm-up, best of {args.rounds} round(s)")
+            tables.append(compare_table(title, results[key], unit, budget or None))
+            print(tables[-1] + "\n", flush=True)
     write(args.out, "suite", tables, results)
     plot_compare(os.path.join(args.out, "suite.png"), results, time_key(args.device))
 

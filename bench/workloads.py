@@ -37,6 +37,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESETS["gpu-h200"] = dict(PRESETS["gpu-h100"], budget_mib=135_000)
 
 
+#: Token models, which ``--seqs`` runs at several sequence lengths.
+TOKEN_MODELS = ("gpt", "hf-llama", "hf-gpt2")
+
+
+def at_sequence_length(shape: dict, seq: int) -> dict:
+    """A token model's shape at ``seq``: the preset's tokens per batch (batch * seq), and one
+    layer from T = 512 on, so that a CPU run of the long sequences stays within minutes."""
+    tokens = shape["batch"] * shape["seq"]
+    return dict(shape, seq=seq, batch=max(1, tokens // seq), layers=shape["layers"] if seq < 512 else 1)
+
+
 def describe(model: str, shape: dict) -> str:
     """A short label of a model and its shape, for table headings."""
     dims = ", ".join(f"{k}={v}" for k, v in shape.items() if k != "batch")

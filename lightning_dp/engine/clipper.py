@@ -306,7 +306,7 @@ class Clipper:
                 term = use.norm_sq(local)
             else:
                 summed = sum(upcast(use.per_example(local)) for use, local in calls)
-                term = summed.pow(2).flatten(1).sum(1)
+                term = torch.linalg.vector_norm(summed.flatten(1), dim=1).square()
             norm_sq = term if norm_sq is None else norm_sq + term
         scale = self.scale_from_norm_sq(group_name, norm_sq)
         for calls in contributions.values():
