@@ -8,9 +8,10 @@ placed after the last member's norm, then re-sorts the graph so that every weigh
 computation of the group runs after it: flat and group clipping in one backward pass
 (book-keeping), per-layer clipping fused with its own layer's backward.
 
-A tied parameter's uses emit ``shared_scale(per_example, clipper, group, site, param)`` instead:
-its per-example norm is that of the sum over its uses, so the pass adds one
-``shared_norm_sq([per_example, ...])`` per parameter, after its last use, to the group's norms.
+A tied parameter's uses emit ``shared_scale(norm_sq, factors, clipper, group, site, param)``
+instead: its per-example norm is that of the sum over its uses, so the pass adds one
+``shared_norm_sq(norm_sqs, factors, counts)`` per parameter, after its last use, to the group's
+norms.
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ def join_group_scales(graph: fx.Graph) -> int:
     """Replace every group's ``group_scale`` nodes by one ``clip_scale``; return groups joined."""
     members: dict[tuple[int, str], list[fx.Node]] = defaultdict(list)
     for node in graph.nodes:
-        if node.target in (GROUP_SCALE, SHARED_SCALE):
+        if node.target is GROUP_SCALE:
             _, clipper, group, _, _ = node.args
+            members[(clipper, group)].append(node)
+        elif node.target is SHARED_SCALE:
+            _, _, clipper, group, _, _ = node.args
             members[(clipper, group)].append(node)
     if not members:
         return 0
@@ -65,14 +69,19 @@ def _shared_norms(graph: fx.Graph, nodes: list[fx.Node], position: dict[fx.Node,
     uses: dict[str, list[fx.Node]] = defaultdict(list)
     for node in nodes:
         if node.target is SHARED_SCALE:
-            uses[node.args[4]].append(node.args[0])
+            uses[node.args[5]].append(node)
     norms = []
-    for per_example in uses.values():
-        last = max(per_example, key=position.__getitem__)
+    for scales in uses.values():
+        norm_sqs = [node.args[0] for node in scales]
+        factors = [factor for node in scales for factor in node.args[1]]
+        counts = [len(node.args[1]) for node in scales]
+        last = max(norm_sqs + factors, key=position.__getitem__)
         with graph.inserting_after(last):
-            norm = graph.call_function(SHARED_NORM_SQ, (per_example,))
-        norm.meta["val"] = SHARED_NORM_SQ(*[[use.meta["val"] for use in per_example]])
-        position[norm] = position[last] + 0.5  # after its last use, for the choice of `last` below
+            norm = graph.call_function(SHARED_NORM_SQ, (norm_sqs, factors, counts))
+        norm.meta["val"] = SHARED_NORM_SQ(
+            [n.meta["val"] for n in norm_sqs], [f.meta["val"] for f in factors], counts
+        )
+        position[norm] = position[last] + 0.5  # after its last input, for the choice of `last` below
         norms.append(norm)
         counters["shared_parameters"] += 1
     return norms
@@ -101,7 +110,7 @@ def _check_whole_group(clipper: int, group: str, nodes: list[fx.Node]) -> None:
     """Every module of the group must be in this graph: a group split across graphs (a graph
     break, or modules compiled separately) would be clipped piecewise, breaking its bound."""
     expected = clipper_by_id(clipper).group_sites[group]
-    present = {node.args[3] for node in nodes}
+    present = {node.args[3] if node.target is GROUP_SCALE else node.args[4] for node in nodes}
     if present != expected:
         raise RuntimeError(
             f"lightning-dp: clipping group {group!r} has {len(present)} of its {len(expected)} "

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lightning_dp.engine.clip_fns import CLIP_FNS
 from lightning_dp.engine.deferred_ops import group_scale, shared_scale
+from lightning_dp.engine.shared_norms import norm_sq_of_sum
 from lightning_dp.rules.base import Rule
 from lightning_dp.rules.protocol import GradUse, upcast
 
@@ -305,8 +306,13 @@ class Clipper:
                 use, local = calls[0]
                 term = use.norm_sq(local)
             else:
-                summed = sum(upcast(use.per_example(local)) for use, local in calls)
-                term = torch.linalg.vector_norm(summed.flatten(1), dim=1).square()
+                norm_sqs, factors, counts = [], [], []
+                for use, local in calls:
+                    own, tensors = shared_use(use, local)
+                    norm_sqs.append(own)
+                    factors.extend(tensors)
+                    counts.append(len(tensors))
+                term = norm_sq_of_sum(norm_sqs, factors, counts)
             norm_sq = term if norm_sq is None else norm_sq + term
         scale = self.scale_from_norm_sq(group_name, norm_sq)
         for calls in contributions.values():
@@ -358,13 +364,23 @@ class Clipper:
                 scales = dict.fromkeys(own, scale)
             for name in names:
                 if name not in scales:
-                    per_example = upcast(use.per_example(name))
-                    scales[name] = shared_scale(per_example, self.id, group_name, site.index, keys[name])
+                    norm_sq, factors = shared_use(use, name)
+                    scales[name] = shared_scale(norm_sq, factors, self.id, group_name, site.index, keys[name])
             # each node feeds a gradient (unused ones would be dropped before the pass); the pass
             # replaces all of the group's nodes by one
             for name in names:
                 grads[name] = use.clipped_grad(name, scales[name]).to(use.params[name].dtype)
         return grads
+
+
+def shared_use(use: GradUse, name: str) -> tuple[Tensor, list[Tensor]]:
+    """One use of a shared parameter: its own squared norms, and its token factors (rows, cols)
+    or, where the primitive has none, its instantiated per-example gradient."""
+    factors = use.token_factors(name)
+    if factors is None:
+        per_example = upcast(use.per_example(name))
+        return torch.linalg.vector_norm(per_example.flatten(1), dim=1).square(), [per_example]
+    return use.norm_sq(name), [factors.rows, factors.cols]
 
 
 def _accumulate(param: Tensor, grad: Tensor) -> None:

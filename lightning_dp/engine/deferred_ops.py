@@ -9,10 +9,11 @@ one ``clip_scale`` over all members' norms, placed after the last of them, so th
 backward finishes flat and group clipping in one pass. A graph that skipped the pass fails
 loudly instead of clipping each layer on its own (which would break the sensitivity bound).
 
-A parameter several modules use (a tied embedding and LM head) has as per-example gradient the
-sum over its uses, whose norm has cross terms no single use can see. Each use hands its
-instantiated per-example gradient to ``shared_scale`` instead; the pass sums the uses of one
-parameter in ``shared_norm_sq`` and adds the result to the group's norms.
+A parameter used more than once per forward (a tied embedding and LM head) has as per-example
+gradient the sum over its uses, whose norm has cross terms no single use can see. Each use hands
+its own norm and its factors (token factors, or its instantiated per-example gradient) to
+``shared_scale`` instead; the pass joins a parameter's uses in one ``shared_norm_sq``
+(``engine.shared_norms``) and adds the result to the group's norms.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
+
+from lightning_dp.engine.shared_norms import norm_sq_of_sum
 
 
 class _ScaleSource(Protocol):
@@ -68,28 +71,27 @@ def _(norm_sq: Tensor, clipper: int, group: str, site: int, params: str) -> Tens
 
 
 @torch.library.custom_op("lightning_dp::shared_scale", mutates_args=())
-def shared_scale(per_example: Tensor, clipper: int, group: str, site: int, param: str) -> Tensor:
-    """As ``group_scale`` for one use of a shared parameter (``per_example``: [B, *shape])."""
-    return group_scale(per_example.flatten(1).sum(1), clipper, group, site, param)
+def shared_scale(
+    norm_sq: Tensor, factors: list[Tensor], clipper: int, group: str, site: int, param: str
+) -> Tensor:
+    """As ``group_scale`` for one use of a shared parameter, carrying the use's factors."""
+    return group_scale(norm_sq, clipper, group, site, param)
 
 
 @shared_scale.register_fake
-def _(per_example: Tensor, clipper: int, group: str, site: int, param: str) -> Tensor:
-    return per_example.new_empty(per_example.shape[:1])
+def _(norm_sq: Tensor, factors: list[Tensor], clipper: int, group: str, site: int, param: str) -> Tensor:
+    return torch.empty_like(norm_sq)
 
 
 @torch.library.custom_op("lightning_dp::shared_norm_sq", mutates_args=())
-def shared_norm_sq(uses: list[Tensor]) -> Tensor:
-    """Per-example squared norm of a shared parameter's gradient: of the sum of its ``uses``."""
-    total = uses[0] + uses[1] if len(uses) > 1 else uses[0]
-    for use in uses[2:]:
-        total += use
-    return torch.linalg.vector_norm(total.flatten(1), dim=1).square()
+def shared_norm_sq(norm_sqs: list[Tensor], factors: list[Tensor], counts: list[int]) -> Tensor:
+    """Per-example squared norm of a shared parameter's gradient: of the sum of its uses."""
+    return norm_sq_of_sum(norm_sqs, factors, counts)
 
 
 @shared_norm_sq.register_fake
-def _(uses: list[Tensor]) -> Tensor:
-    return uses[0].new_empty(uses[0].shape[:1])
+def _(norm_sqs: list[Tensor], factors: list[Tensor], counts: list[int]) -> Tensor:
+    return torch.empty_like(norm_sqs[0])
 
 
 @torch.library.custom_op("lightning_dp::clip_scale", mutates_args=())

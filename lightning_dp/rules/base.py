@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_dp.rules.protocol import CallSite, GradUse, upcast
+from lightning_dp.rules.protocol import CallSite, GradUse, TokenFactors, upcast
 
 __all__ = [
-    "CallSite", "GradUse", "Rule", "as_tokens", "rows_where", "scale_rows", "trainable",
-    "upcast", "weighted_sum",
+    "CallSite", "GradUse", "Rule", "TokenFactors", "as_tokens", "rows_where", "scale_rows",
+    "trainable", "upcast", "weighted_sum",
 ]
 
 

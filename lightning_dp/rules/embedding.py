@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dp.rules.base import CallSite, GradUse, Rule, scale_rows, upcast
+from lightning_dp.rules.base import CallSite, GradUse, Rule, TokenFactors, scale_rows, upcast
 from lightning_dp.rules.registry import rules
 
 
@@ -42,6 +42,12 @@ class EmbeddingUse(GradUse):
         self.example = torch.arange(batch, device=ids.device).unsqueeze(1).expand_as(ids)[keep]
         self.ids = ids[keep]
         self.g = g[keep]  # [tokens kept, d], row r belongs to example self.example[r]
+        self._by_example = (ids, g, None if padding_idx is None else keep)  # for token_factors
+
+    def token_factors(self, name: str) -> TokenFactors:
+        ids, g, keep = self._by_example
+        g = upcast(g)
+        return TokenFactors(rows=ids, cols=g if keep is None else g * keep.unsqueeze(-1).to(g.dtype))
 
     def norm_sq(self, name: str) -> Tensor:
         key = self.example * self.num_embeddings + self.ids
@@ -76,6 +82,9 @@ class PairwiseEmbeddingUse(GradUse):
         g = upcast(self.g)
         same = (self.ids.unsqueeze(2) == self.ids.unsqueeze(1)).to(g.dtype)  # [B, T, T]
         return (same * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+
+    def token_factors(self, name: str) -> TokenFactors:
+        return TokenFactors(rows=self.ids, cols=upcast(self.g))
 
     def per_example(self, name: str) -> Tensor:
         grads = self.g.new_zeros((self.batch_size, self.num_embeddings, self.g.shape[2]))

@@ -20,6 +20,7 @@ from lightning_dp.rules.base import (
     CallSite,
     GradUse,
     Rule,
+    TokenFactors,
     as_tokens,
     rows_where,
     scale_rows,
@@ -109,6 +110,12 @@ class LinearUse(GradUse):
             return self._bias_per_example()
         grads = self._weight_per_example()
         return grads.transpose(1, 2) if self.transposed else grads
+
+    def token_factors(self, name: str) -> TokenFactors | None:
+        if name == "bias":
+            return None
+        g, x = upcast(self.g), upcast(self.x)
+        return TokenFactors(rows=x, cols=g) if self.transposed else TokenFactors(rows=g, cols=x)
 
     def clipped_grad(self, name: str, scale: Tensor) -> Tensor:
         if name == "bias":

@@ -10,10 +10,23 @@ be normed and clipped. Both packages import this module and ``rules/`` never imp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor
+
+
+@dataclass
+class TokenFactors:
+    """A per-example gradient of shape [p, d] as a sum over tokens of outer products:
+    ``G_i = sum_t r_it c_it^T``, with ``cols`` [B, T, d] and ``rows`` either dense [B, T, p] or
+    integer ids [B, T] standing for one-hot rows (an embedding's gradient). Two uses of one
+    parameter then have ``<G_i, G'_i> = sum_{t,s} <r_it, r'_is> <c_it, c'_is>``: the cross
+    term of a tied weight's norm at B*T*T' cost, without instantiating either gradient."""
+
+    rows: Tensor
+    cols: Tensor
 
 
 class GradUse:
@@ -36,6 +49,11 @@ class GradUse:
     def per_example(self, name: str) -> Tensor:
         """Per-example gradients of ``name``, shape [B, *param.shape] (used for shared params)."""
         raise NotImplementedError
+
+    def token_factors(self, name: str) -> TokenFactors | None:
+        """``name``'s per-example gradients as :class:`TokenFactors`, where the primitive has
+        that form (linear and embedding weights); None: shared uses are instantiated."""
+        return None
 
     def clipped_grad(self, name: str, scale: Tensor) -> Tensor:
         """``sum_i scale[i] * G_i`` for parameter ``name``; rows with scale 0 must add exactly 0,
