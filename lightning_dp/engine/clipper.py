@@ -23,7 +23,7 @@ from lightning_dp.engine.clip_fns import CLIP_FNS
 from lightning_dp.engine.deferred_ops import group_scale, shared_scale
 from lightning_dp.engine.shared_norms import norm_sq_of_sum
 from lightning_dp.rules.base import Rule
-from lightning_dp.rules.protocol import GradUse, upcast
+from lightning_dp.rules.protocol import GradUse, row_norm_sq, upcast
 
 
 class ExampleMismatchError(ValueError):
@@ -379,7 +379,7 @@ def shared_use(use: GradUse, name: str) -> tuple[Tensor, list[Tensor]]:
     factors = use.token_factors(name)
     if factors is None:
         per_example = upcast(use.per_example(name))
-        return torch.linalg.vector_norm(per_example.flatten(1), dim=1).square(), [per_example]
+        return row_norm_sq(per_example), [per_example]
     return use.norm_sq(name), [factors.rows, factors.cols]
 
 

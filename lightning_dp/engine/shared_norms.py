@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_dp.rules.protocol import row_dot, row_norm_sq
+
 
 def norm_sq_of_sum(norm_sqs: list[Tensor], factors: list[Tensor], counts: list[int]) -> Tensor:
     """Squared norm per example of the sum of a parameter's uses.
@@ -37,14 +39,14 @@ def norm_sq_of_sum(norm_sqs: list[Tensor], factors: list[Tensor], counts: list[i
     summed = _instantiate(uses[0], shape)
     for use in uses[1:]:
         summed = summed + _instantiate(use, shape)
-    return torch.linalg.vector_norm(summed.flatten(1), dim=1).square()
+    return row_norm_sq(summed)
 
 
 def _cross(rows_a: Tensor, cols_a: Tensor, rows_b: Tensor, cols_b: Tensor) -> Tensor:
     """``<G_a, G_b>`` per example from token factors: sum over token pairs (t, s) of
     ``<r_t, r'_s> <c_t, c'_s>``."""
     cols = torch.bmm(cols_a, cols_b.transpose(1, 2))  # [B, Ta, Tb]
-    return (_row_gram(rows_a, rows_b).to(cols.dtype) * cols).sum((1, 2))
+    return row_dot(_row_gram(rows_a, rows_b).to(cols.dtype), cols)
 
 
 def _row_gram(a: Tensor, b: Tensor) -> Tensor:

@@ -15,11 +15,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_dp.rules.protocol import CallSite, GradUse, TokenFactors, upcast
+from lightning_dp.rules.protocol import (
+    CallSite,
+    GradUse,
+    TokenFactors,
+    row_dot,
+    row_norm_sq,
+    upcast,
+)
 
 __all__ = [
-    "CallSite", "GradUse", "Rule", "TokenFactors", "as_tokens", "rows_where", "scale_rows",
-    "trainable", "upcast", "weighted_sum",
+    "CallSite", "GradUse", "Rule", "TokenFactors", "as_tokens", "row_dot", "row_norm_sq",
+    "rows_where", "scale_rows", "trainable", "upcast", "weighted_sum",
 ]
 
 

@@ -21,6 +21,8 @@ from lightning_dp.rules.base import (
     CallSite,
     GradUse,
     Rule,
+    row_dot,
+    row_norm_sq,
     rows_where,
     scale_rows,
     trainable,
@@ -85,13 +87,13 @@ class ConvUse(GradUse):
 
     def norm_sq(self, name: str) -> Tensor:
         if name == "bias":
-            return upcast(self.g).flatten(2).sum(2).pow(2).sum(1)
+            return row_norm_sq(self.g.flatten(2).sum(2))
         if self.method == "instantiate":
-            return upcast(self._weight_per_example()).pow(2).flatten(1).sum(1)
+            return row_norm_sq(self._weight_per_example())
         g, u = upcast(self.g_grouped), upcast(self._patches())
         gram_g = torch.einsum("bgpl,bgpm->bglm", g, g)
         gram_u = torch.einsum("bgdl,bgdm->bglm", u, u)
-        return (gram_g * gram_u).flatten(1).sum(1)
+        return row_dot(gram_g, gram_u)
 
     def per_example(self, name: str) -> Tensor:
         if name == "bias":

@@ -15,7 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dp.rules.base import CallSite, GradUse, Rule, TokenFactors, scale_rows, upcast
+from lightning_dp.rules.base import (
+    CallSite,
+    GradUse,
+    Rule,
+    TokenFactors,
+    row_dot,
+    row_norm_sq,
+    scale_rows,
+    upcast,
+)
 from lightning_dp.rules.registry import rules
 
 
@@ -55,7 +64,7 @@ class EmbeddingUse(GradUse):
         rows = self.g.new_zeros((unique.numel(), self.g.shape[1]), dtype=upcast(self.g).dtype)
         rows.index_add_(0, inverse, upcast(self.g))
         norm_sq = rows.new_zeros(self.batch_size)
-        return norm_sq.index_add_(0, unique // self.num_embeddings, rows.pow(2).sum(1))
+        return norm_sq.index_add_(0, unique // self.num_embeddings, row_norm_sq(rows))
 
     def per_example(self, name: str) -> Tensor:
         grads = self.g.new_zeros((self.batch_size, self.num_embeddings, self.g.shape[1]))
@@ -81,7 +90,7 @@ class PairwiseEmbeddingUse(GradUse):
     def norm_sq(self, name: str) -> Tensor:
         g = upcast(self.g)
         same = (self.ids.unsqueeze(2) == self.ids.unsqueeze(1)).to(g.dtype)  # [B, T, T]
-        return (same * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+        return row_dot(same, torch.bmm(g, g.transpose(1, 2)))
 
     def token_factors(self, name: str) -> TokenFactors:
         return TokenFactors(rows=self.ids, cols=upcast(self.g))

@@ -22,6 +22,8 @@ from lightning_dp.rules.base import (
     Rule,
     TokenFactors,
     as_tokens,
+    row_dot,
+    row_norm_sq,
     rows_where,
     scale_rows,
     trainable,
@@ -97,13 +99,13 @@ class LinearUse(GradUse):
 
     def norm_sq(self, name: str) -> Tensor:
         if name == "bias":
-            return upcast(self._bias_per_example()).pow(2).sum(1)
+            return row_norm_sq(self._bias_per_example())
         if self.method == "instantiate":
-            return upcast(self._weight_per_example()).pow(2).sum((1, 2))
+            return row_norm_sq(self._weight_per_example())
         g, x = upcast(self.g), upcast(self.x)
         if g.shape[1] == 1:
-            return g.pow(2).sum((1, 2)) * x.pow(2).sum((1, 2))
-        return (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(x, x.transpose(1, 2))).sum((1, 2))
+            return row_norm_sq(g) * row_norm_sq(x)
+        return row_dot(torch.bmm(g, g.transpose(1, 2)), torch.bmm(x, x.transpose(1, 2)))
 
     def per_example(self, name: str) -> Tensor:
         if name == "bias":

@@ -44,7 +44,7 @@ class GradUse:
 
     def norm_sq(self, name: str) -> Tensor:
         """Per-example squared L2 norm of parameter ``name``'s gradient, float32, shape [B]."""
-        return upcast(self.per_example(name)).pow(2).flatten(1).sum(1)
+        return row_norm_sq(self.per_example(name))
 
     def per_example(self, name: str) -> Tensor:
         """Per-example gradients of ``name``, shape [B, *param.shape] (used for shared params)."""
@@ -87,6 +87,18 @@ class CallSite(Protocol):
     def record(self, use: GradUse) -> dict[str, Tensor] | None:
         """Hand over one call's gradient factors (eager: None; compiled: the clipped grads)."""
         ...
+
+
+def row_norm_sq(tensor: Tensor) -> Tensor:
+    """``||tensor[i]||^2`` per row of dim 0, at least in float32: one fused reduction, with no
+    squared or upcast copy of the (often per-example-gradient-sized) tensor."""
+    flat = tensor.flatten(1)
+    return torch.linalg.vector_norm(flat, dim=1, dtype=upcast(flat).dtype).square()
+
+
+def row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``<a[i], b[i]>`` per row of dim 0, as a batched matrix product (no product copy)."""
+    return torch.bmm(a.flatten(1).unsqueeze(1), b.flatten(1).unsqueeze(2)).view(-1)
 
 
 def upcast(tensor: Tensor) -> Tensor:
