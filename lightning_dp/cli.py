@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from omegaconf import OmegaConf
 
 from lightning_dp.exporting import export, privacy_card_from_checkpoint
@@ -73,6 +75,14 @@ class DPTrainer(Trainer):
         print(f"lightning-dp: exported {output} at epsilon {card['epsilon']:.4g} (delta {card['delta']:.3g})")
 
 
+class ConciseErrorParser(LightningArgumentParser):
+    """A wrong value is reported in a few lines: the usage printed before an error is one line
+    (jsonargparse's tip names ``--help``), not the usage of every Trainer option."""
+
+    def print_usage(self, file: Any = None) -> None:
+        (file or sys.stdout).write(f"usage: {self.prog.replace(' [options]', '')} [options]\n")
+
+
 class LightningDPCLI(LightningCLI):
     """LightningCLI with the ``export`` subcommand (arguments of :meth:`DPTrainer.export`)."""
 
@@ -121,6 +131,7 @@ def run(args: ArgsType = None) -> LightningDPCLI:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return LightningDPCLI(
         trainer_class=DPTrainer,
+        parser_class=ConciseErrorParser,
         parser_kwargs={"parser_mode": "omegaconf", "description": DESCRIPTION},
         save_config_kwargs={"overwrite": True},
         args=args,
