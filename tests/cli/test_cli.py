@@ -42,7 +42,7 @@ def test_a_wrong_privacy_value_is_refused_by_name(capsys):
     assert "clip_fn" in error and "hard" in error and "automatic" in error  # names the choices
     # the error is not drowned in the usage of every Trainer option (60+ lines before)
     assert len(error.splitlines()) < 20 and "--trainer.max_epochs" not in error
-    assert "lightning-dp fit --help" in error
+    assert "fit --help" in error
 
 
 @pytest.fixture
