@@ -42,10 +42,11 @@ TOKEN_MODELS = ("gpt", "hf-llama", "hf-gpt2")
 
 
 def at_sequence_length(shape: dict, seq: int) -> dict:
-    """A token model's shape at ``seq``: the preset's tokens per batch (batch * seq), and one
-    layer from T = 512 on, so that a CPU run of the long sequences stays within minutes."""
+    """A token model's shape at ``seq``: the preset's tokens per batch (batch * seq, at least two
+    examples), and one layer from T = 512 on, so that a CPU run of the long sequences stays
+    within minutes."""
     tokens = shape["batch"] * shape["seq"]
-    return dict(shape, seq=seq, batch=max(1, tokens // seq), layers=shape["layers"] if seq < 512 else 1)
+    return dict(shape, seq=seq, batch=max(2, tokens // seq), layers=shape["layers"] if seq < 512 else 1)
 
 
 def describe(model: str, shape: dict) -> str:

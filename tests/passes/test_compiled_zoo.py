@@ -43,6 +43,7 @@ EXACT = [
     _case("lora_llama", "layer"),
     _case("lora_llama", "flat"),
     _case("roberta", "layer"),
+    _case("roberta", "flat"),
     _case("vit", "layer"),
     _case("vit", "flat"),  # class token (expanded, concatenated) and position embeddings routed
     _case("torch_encoder", "layer"),
