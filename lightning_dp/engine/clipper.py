@@ -344,8 +344,8 @@ class Clipper:
         Each group this call touches gets one ``group_scale`` node over the call's share of the
         group's squared norms, naming the parameters it covers; ``lightning_dp.passes`` joins the
         nodes of a group into one (a module's calls may share a group but not a parameter). A
-        shared parameter's use gets a ``shared_scale`` node over its per-example gradients, which
-        the pass sums with the parameter's other uses before taking the norm.
+        shared parameter's use gets a ``shared_scale`` node carrying its own norm and its factors,
+        from which the pass computes the norm of the sum over the parameter's uses.
         """
         by_group: dict[str, list[str]] = defaultdict(list)
         for role in use.params:
