@@ -1,11 +1,9 @@
-"""``nn.Conv1d/2d/3d``: the linear case on input patches, per channel group.
+"""``nn.Conv1d/2d/3d``: the linear case on unfolded input patches, per channel group.
 
 With input patches ``U_i`` [L, C_in/groups * prod(k)] (L output positions) and output gradient
-``g_i`` [C_out/groups, L] per channel group, ``G_i = g_i U_i``: instantiated by one
-weight-gradient convolution with the examples folded into the groups (no patches are built), or
-normed through the ghost identity over the L x L Gram matrices of unfolded patches when that is
-cheaper. The clipped weight gradient is one ``convolution_backward`` with scaled output-gradient
-rows (or the weighted sum of the instantiated ones).
+``g_i`` [C_out/groups, L] per channel group, ``G_i = g_i U_i``: instantiated, or normed through
+the ghost identity over the L x L Gram matrices when that is cheaper. The clipped weight
+gradient is one ``convolution_backward`` with scaled output-gradient rows.
 """
 
 from __future__ import annotations
