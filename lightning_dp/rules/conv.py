@@ -80,20 +80,9 @@ class ConvUse(GradUse):
         return u.reshape(u.shape[0], groups, u.shape[1] // groups, u.shape[2])  # [B, G, d, L]
 
     def _weight_per_example(self) -> Tensor:
-        """One weight-gradient convolution with the examples folded into the groups (example b's
-        channels form groups b*G..b*G+G-1): no unfolded input patches, which hold prod(kernel)
-        copies of the input."""
-        if self._instantiated is None and self.batch_size == 0:
-            self._instantiated = self.g.new_zeros((0, *self.weight_shape))
         if self._instantiated is None:
-            spec, batch = self.spec, self.batch_size
-            weight = self._weight.expand(batch, *self.weight_shape).reshape(-1, *self.weight_shape[1:])
-            _, grads, _ = torch.ops.aten.convolution_backward(
-                self.g.reshape(1, -1, *self.g.shape[2:]), self.x.reshape(1, -1, *self.x.shape[2:]),
-                weight, None, spec.stride, spec.padding, spec.dilation, False,
-                [0] * len(spec.kernel_size), batch * spec.groups, [False, True, False],
-            )
-            self._instantiated = grads.reshape(batch, *self.weight_shape)
+            grads = torch.einsum("bgpl,bgdl->bgpd", self.g_grouped, self._patches())
+            self._instantiated = grads.reshape(self.batch_size, *self.weight_shape)
         return self._instantiated
 
     def norm_sq(self, name: str) -> Tensor:
