@@ -37,11 +37,8 @@ def join_group_scales(graph: fx.Graph) -> int:
     """Replace every group's ``group_scale`` nodes by one ``clip_scale``; return groups joined."""
     members: dict[tuple[int, str], list[fx.Node]] = defaultdict(list)
     for node in graph.nodes:
-        if node.target is GROUP_SCALE:
-            _, clipper, group, _, _ = node.args
-            members[(clipper, group)].append(node)
-        elif node.target is SHARED_SCALE:
-            _, _, clipper, group, _, _ = node.args
+        if node.target in (GROUP_SCALE, SHARED_SCALE):
+            clipper, group, _, _ = _call(node)
             members[(clipper, group)].append(node)
     if not members:
         return 0
@@ -64,12 +61,17 @@ def join_group_scales(graph: fx.Graph) -> int:
     return len(members)
 
 
+def _call(node: fx.Node) -> tuple[int, str, int, str]:
+    """(clipper, group, site, params): the last four arguments of both scale ops."""
+    return node.args[-4:]
+
+
 def _shared_norms(graph: fx.Graph, nodes: list[fx.Node], position: dict[fx.Node, int]) -> list[fx.Node]:
     """One ``shared_norm_sq`` node per shared parameter of the group, over all its uses."""
     uses: dict[str, list[fx.Node]] = defaultdict(list)
     for node in nodes:
         if node.target is SHARED_SCALE:
-            uses[node.args[5]].append(node)
+            uses[_call(node)[3]].append(node)
     norms = []
     for scales in uses.values():
         norm_sqs = [node.args[0] for node in scales]
@@ -93,7 +95,7 @@ def _check_one_use_per_parameter(group: str, nodes: list[fx.Node]) -> None:
     term of their per-example gradients, so they must come as ``shared_scale`` nodes."""
     seen: set[str] = set()
     for node in nodes:
-        params = set(node.args[4].split(","))
+        params = set(_call(node)[3].split(","))
         repeated = sorted(params & seen)
         if repeated:
             raise RuntimeError(
@@ -110,7 +112,7 @@ def _check_whole_group(clipper: int, group: str, nodes: list[fx.Node]) -> None:
     """Every module of the group must be in this graph: a group split across graphs (a graph
     break, or modules compiled separately) would be clipped piecewise, breaking its bound."""
     expected = clipper_by_id(clipper).group_sites[group]
-    present = {node.args[3] if node.target is GROUP_SCALE else node.args[4] for node in nodes}
+    present = {_call(node)[2] for node in nodes}
     if present != expected:
         raise RuntimeError(
             f"lightning-dp: clipping group {group!r} has {len(present)} of its {len(expected)} "
