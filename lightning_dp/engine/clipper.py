@@ -23,7 +23,7 @@ from lightning_dp.engine.clip_fns import CLIP_FNS
 from lightning_dp.engine.deferred_ops import group_scale, shared_scale
 from lightning_dp.engine.shared_norms import norm_sq_of_sum
 from lightning_dp.rules.base import Rule
-from lightning_dp.rules.protocol import GradUse, row_norm_sq, upcast
+from lightning_dp.rules.protocol import GradUse, examples_per_chunk, row_norm_sq, upcast
 
 
 class ExampleMismatchError(ValueError):
@@ -300,6 +300,10 @@ class Clipper:
                 if self.group_of[canonical] == group_name:
                     contributions[canonical].append((use, role))
 
+        chunk = _chunk_size(contributions)
+        if chunk is not None:
+            self._clip_in_chunks(group_name, contributions, chunk)
+            return
         norm_sq = None
         for calls in contributions.values():
             if len(calls) == 1:
@@ -319,24 +323,56 @@ class Clipper:
             for use, local in calls:
                 _accumulate(use.params[local], use.clipped_grad(local, scale))
 
+    def _clip_in_chunks(
+        self, group_name: str, contributions: dict[str, list[tuple[GradUse, str]]], chunk: int
+    ) -> None:
+        """Norm, clip and sum ``chunk`` examples at a time: each example's clip factor needs
+        only its own norm, so the temporaries of one chunk are freed before the next."""
+        calls = [calls[0] for calls in contributions.values()]
+        batch = calls[0][0].batch_size
+        norms = []
+        for start in range(0, batch, chunk):
+            stop = min(start + chunk, batch)
+            parts = {}
+            for use, local in calls:
+                if use not in parts:
+                    parts[use] = use.example_rows(start, stop)
+            norm_sq = sum(parts[use].norm_sq(local) for use, local in calls)
+            norm = norm_sq.sqrt()
+            scale = self._clip_factors(group_name, norm, start)
+            for use, local in calls:
+                _accumulate(use.params[local], parts[use].clipped_grad(local, scale))
+            norms.append(norm)
+        self._record(group_name, torch.cat(norms))
+
     def scale_from_norm_sq(self, group_name: str, norm_sq: Tensor) -> Tensor:
         """Per-example clip factors of a group from its squared norms; records its stats.
 
         A non-finite norm, or a padding row, gets factor 0: that row adds exactly nothing.
         """
-        group = self.groups[group_name]
         norms = norm_sq.sqrt()
+        scale = self._clip_factors(group_name, norms, 0)
+        self._record(group_name, norms)
+        return scale
+
+    def _clip_factors(self, group_name: str, norms: Tensor, first_row: int) -> Tensor:
+        """Clip factors of rows ``first_row, first_row + 1, ...`` of the batch."""
         keep = torch.isfinite(norms)
+        if self.real_rows is not None and first_row + norms.shape[0] > self.real_rows:
+            keep[max(self.real_rows - first_row, 0) :] = False
+        factors = self.clip_fn(norms, self.groups[group_name].threshold, self.gamma)
+        return torch.where(keep, factors, 0.0)
+
+    def _record(self, group_name: str, norms: Tensor) -> None:
+        """Keep the stats (and adaptive counts) of the real rows of a group's norms."""
+        group = self.groups[group_name]
         real = norms.detach()
         if self.real_rows is not None:
-            keep[self.real_rows :] = False
             real = real[: self.real_rows]
-        scale = torch.where(keep, self.clip_fn(norms, group.threshold, self.gamma), 0.0)
         self.stats[group_name] = GroupStats(norms=real, threshold=group.threshold)
         if self.count_within:  # centred bits of real rows; a non-finite norm counts as outside
             within = (real <= group.threshold).sum(dtype=torch.float32) - 0.5 * real.numel()
             self._counts[group_name] = self._counts.get(group_name, 0.0) + within.detach()
-        return scale
 
     def deferred_grads(self, site: Site, use: GradUse) -> dict[str, Tensor]:
         """Compiled mode: this call's clipped gradients, the group factors left to the graph pass.
@@ -371,6 +407,21 @@ class Clipper:
             for name in names:
                 grads[name] = use.clipped_grad(name, scales[name]).to(use.params[name].dtype)
         return grads
+
+
+def _chunk_size(contributions: dict[str, list[tuple[GradUse, str]]]) -> int | None:
+    """Examples per chunk when a group is worth clipping in chunks: every parameter has one
+    call (a shared one needs every use's factors at once), every call can be split, and the
+    temporaries of the whole batch would be large next to the factors (``GradUse.workspace``)."""
+    if any(len(calls) != 1 for calls in contributions.values()):
+        return None
+    uses = list({calls[0][0]: None for calls in contributions.values()})
+    sizes = [use.workspace() for use in uses]
+    if any(size is None for size in sizes):
+        return None
+    batch = uses[0].batch_size
+    chunk = examples_per_chunk(batch, sum(t for t, _ in sizes), sum(h for _, h in sizes))
+    return chunk if chunk < batch else None
 
 
 def shared_use(use: GradUse, name: str) -> tuple[Tensor, list[Tensor]]:

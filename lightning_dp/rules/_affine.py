@@ -7,17 +7,32 @@ so ``G_i = sum over positions of g_i * xhat_i`` is B*d numbers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from lightning_dp.rules.base import CallSite, GradUse, trainable, weighted_sum
+from lightning_dp.rules.base import (
+    CallSite,
+    GradUse,
+    sum_product_per_example,
+    trainable,
+    weighted_sum,
+)
 
 
 class AffineUse(GradUse):
-    def __init__(self, xhat: Tensor | None, g: Tensor, params: dict[str, Tensor], channel_dim: int | None):
+    """``xhat_rows(start, stop)``: the normalised input of those examples (saved, or rebuilt
+    from the statistics by ``_norm_affine``); None when the weight is not trained."""
+
+    def __init__(
+        self, xhat_rows: Callable[[int, int], Tensor] | None, g: Tensor, params: dict[str, Tensor],
+        channel_dim: int | None,
+    ):
         super().__init__(params, g.shape[0])
-        self.xhat, self.g, self.channel_dim = xhat, g, channel_dim
+        self.xhat_rows, self.g, self.channel_dim = xhat_rows, g, channel_dim
         self.shape = next(iter(params.values())).shape
+        self._per_example: dict[str, Tensor] = {}  # the norm and the clipped sum both read it
 
     def _reduce(self, t: Tensor) -> Tensor:
         """Sum a [B, ...] tensor down to the per-example parameter shape [B, *param.shape]."""
@@ -27,9 +42,12 @@ class AffineUse(GradUse):
         return t.flatten(2).sum(2) if t.dim() > 2 else t  # per channel (GroupNorm)
 
     def per_example(self, name: str) -> Tensor:
-        if name == "bias":
-            return self._reduce(self.g)
-        return self._reduce(self.g * self.xhat)
+        if name not in self._per_example:
+            self._per_example[name] = (
+                self._reduce(self.g) if name == "bias"
+                else sum_product_per_example(self.g, self.xhat_rows, self._reduce)
+            )
+        return self._per_example[name]
 
     def clipped_grad(self, name: str, scale: Tensor) -> Tensor:
         return weighted_sum(scale, self.per_example(name))
@@ -59,7 +77,8 @@ class _AffineFn(torch.autograd.Function):
         weight = ctx.weight
         grad_xhat = g if weight is None else g * _broadcast(weight, g, ctx.channel_dim)
         params = {n: p for n, p in (("weight", weight), ("bias", ctx.bias)) if trainable(p)}
-        use = AffineUse(xhat, g, params, ctx.channel_dim)
+        rows = None if xhat is None else (lambda start, stop: xhat[start:stop])
+        use = AffineUse(rows, g, params, ctx.channel_dim)
         use.names.update(ctx.names or {})
         grads = ctx.site.record(use) or {}
         return None, None, None, grad_xhat, grads.get("weight"), grads.get("bias")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_dp.rules.base import CallSite, GradUse, weighted_sum
+from lightning_dp.rules.base import CallSite, GradUse, sum_product_per_example, weighted_sum
 
 
 class ElementwiseUse(GradUse):
@@ -24,12 +24,23 @@ class ElementwiseUse(GradUse):
         self.names = {"param": name}
         self.x, self.g, self.factor = x, g, factor
         self.value_shape = (1,) * (g.dim() - len(value_shape)) + tuple(value_shape)
+        self._per_example: Tensor | None = None
 
     def per_example(self, name: str) -> Tensor:
-        t = self.g if self.x is None else self.g * self.x
+        if self._per_example is None:  # the norm and the clipped sum both read it
+            self._per_example = self._compute()
+        return self._per_example
+
+    def _reduce(self, t: Tensor) -> Tensor:
         summed = [d for d in range(1, t.dim()) if self.value_shape[d] == 1 and t.shape[d] != 1]
-        if summed:
-            t = t.sum(summed, keepdim=True)
+        return t.sum(summed, keepdim=True) if summed else t
+
+    def _compute(self) -> Tensor:
+        if self.x is None:
+            t = self._reduce(self.g)
+        else:
+            x = self.x
+            t = sum_product_per_example(self.g, lambda start, stop: x[start:stop], self._reduce)
         param = self.params["param"]
         # a float32 op on a float64 parameter (Gemma's norm in double): sum examples in float64
         t = t.reshape(t.shape[0], *param.shape).to(torch.promote_types(t.dtype, param.dtype))

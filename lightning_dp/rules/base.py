@@ -10,6 +10,7 @@ only by the engine, after clipping.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from lightning_dp.rules.protocol import (
     CallSite,
     GradUse,
     TokenFactors,
+    examples_per_chunk,
     row_dot,
     row_norm_sq,
     upcast,
@@ -26,7 +28,7 @@ from lightning_dp.rules.protocol import (
 
 __all__ = [
     "CallSite", "GradUse", "Rule", "TokenFactors", "as_tokens", "row_dot", "row_norm_sq",
-    "rows_where", "scale_rows", "trainable", "upcast", "weighted_sum",
+    "rows_where", "scale_rows", "sum_product_per_example", "trainable", "upcast", "weighted_sum",
 ]
 
 
@@ -60,6 +62,21 @@ class Rule:
 def as_tokens(tensor: Tensor) -> Tensor:
     """[B, ..., d] -> [B, T, d] (T = 1 for [B, d]), without ``-1`` so that B = 0 works."""
     return tensor.unsqueeze(1) if tensor.dim() == 2 else tensor.flatten(1, -2)
+
+
+def sum_product_per_example(
+    a: Tensor, b_rows: Callable[[int, int], Tensor], reduce: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """``reduce(a * b)`` where ``b_rows(start, stop)`` gives rows of ``b`` (same shape as
+    ``a``), made a few examples at a time: a per-example reduction of an activation-sized
+    product never holds the whole product (nor, when ``b`` is rebuilt per chunk, all of ``b``)."""
+    batch = a.shape[0]
+    per_example = a.shape[1:].numel()
+    chunk = examples_per_chunk(batch, 2 * per_example, 2 * per_example)
+    if chunk >= batch:  # the common case; also a batch of 0
+        return reduce(a * b_rows(0, batch))
+    return torch.cat([reduce(a[i : i + chunk] * b_rows(i, min(i + chunk, batch)))
+                      for i in range(0, batch, chunk)])
 
 
 def trainable(tensor: Tensor | None) -> bool:

@@ -106,12 +106,30 @@ class ConvUse(GradUse):
         if self._instantiated is not None:
             return weighted_sum(scale, self._instantiated)
         spec = self.spec
-        _, grad_weight, _ = torch.ops.aten.convolution_backward(
+        _, grad_weight, _ = torch.ops.aten.convolution_backward(  # scaled output-gradient rows
             scale_rows(scale, self.g), rows_where(scale != 0, self.x), self._weight,
             None, spec.stride, spec.padding, spec.dilation, False,
             [0] * len(spec.kernel_size), spec.groups, [False, True, False],
         )
         return grad_weight
+
+    def workspace(self) -> tuple[int, int] | None:
+        groups, p, positions = self.g_grouped.shape[1:]
+        d = self._weight.shape[1] * math.prod(self.spec.kernel_size)
+        patches = groups * d * positions
+        if self.method == "instantiate":
+            workspace = patches + groups * p * d
+        else:
+            workspace = patches + 2 * groups * positions * positions + groups * p * positions
+        return workspace, self.x.shape[1:].numel() + self.g.shape[1:].numel()
+
+    def example_rows(self, start: int, stop: int) -> ConvUse:
+        part = ConvUse(
+            self.x[start:stop], self.g[start:stop], self.params, self.spec, self._weight,
+            self.method,
+        )
+        part.names = self.names
+        return part
 
 
 class _ConvFn(torch.autograd.Function):

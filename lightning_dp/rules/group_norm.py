@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dp.rules._affine import affine
+from lightning_dp.rules._norm_affine import group_norm
 from lightning_dp.rules.base import Rule
 from lightning_dp.rules.registry import rules
 
@@ -15,5 +14,4 @@ class GroupNormRule(Rule):
     handles = ("weight", "bias")
 
     def forward(self, site, module: nn.GroupNorm, x: Tensor) -> Tensor:
-        xhat = F.group_norm(x, module.num_groups, None, None, module.eps)
-        return affine(site, xhat, module.weight, module.bias, channel_dim=1)
+        return group_norm(site, x, module.num_groups, module.weight, module.bias, module.eps)

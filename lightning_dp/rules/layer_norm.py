@@ -1,11 +1,11 @@
-"""``nn.LayerNorm``: parameter-free normalisation, then the per-example affine primitive."""
+"""``nn.LayerNorm``: torch's fused normalisation and affine, with per-example clipped
+parameters (``_norm_affine``)."""
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dp.rules._affine import affine
+from lightning_dp.rules._norm_affine import layer_norm
 from lightning_dp.rules.base import Rule
 from lightning_dp.rules.registry import rules
 
@@ -15,5 +15,4 @@ class LayerNormRule(Rule):
     handles = ("weight", "bias")
 
     def forward(self, site, module: nn.LayerNorm, x: Tensor) -> Tensor:
-        xhat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-        return affine(site, xhat, module.weight, module.bias)
+        return layer_norm(site, x, module.normalized_shape, module.weight, module.bias, module.eps)

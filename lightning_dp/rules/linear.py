@@ -124,11 +124,32 @@ class LinearUse(GradUse):
             return weighted_sum(scale, self._bias_per_example())
         if self._instantiated is not None:
             grad = weighted_sum(scale, self._instantiated)
-        else:
-            g = scale_rows(scale, self.g).flatten(0, 1)
-            x = rows_where(scale != 0, self.x).flatten(0, 1)
-            grad = g.t().mm(x)
+        else:  # (c * g)^T x = g^T (c * x): the scaled copy is of the narrower factor
+            g, x, keep = self.g, self.x, scale != 0
+            if g.shape[2] <= x.shape[2]:
+                g, x = scale_rows(scale, g), rows_where(keep, x)
+            else:
+                g, x = rows_where(keep, g), scale_rows(scale, x)
+            grad = g.flatten(0, 1).t().mm(x.flatten(0, 1))
         return grad.t() if self.transposed else grad
+
+    def workspace(self) -> tuple[int, int] | None:
+        if self.x is None:
+            return None  # a bias alone: B*p numbers, nothing to bound
+        tokens, p, d = self.g.shape[1], self.g.shape[2], self.x.shape[2]
+        if self.method == "instantiate":
+            workspace = p * d
+        else:
+            workspace = (2 * tokens * tokens if tokens > 1 else 0) + tokens * min(p, d)
+        return workspace, tokens * (p + d)
+
+    def example_rows(self, start: int, stop: int) -> LinearUse:
+        part = LinearUse(
+            self.x[start:stop], self.g[start:stop], self.params,
+            transposed=self.transposed, norm_method=self.method,
+        )
+        part.names = self.names
+        return part
 
 
 class _LinearFn(torch.autograd.Function):

@@ -60,6 +60,17 @@ class GradUse:
         even where their factors are not finite."""
         raise NotImplementedError
 
+    def workspace(self) -> tuple[int, int] | None:
+        """(temporary, held) elements per example: what norming and clipping one example
+        allocates (instantiated gradients, Gram matrices, unfolded patches) and what this call's
+        factors already hold. The engine clips a large batch in chunks so that the temporaries
+        stay a small share of the held; None: all at once (the factors cannot be split)."""
+        return None
+
+    def example_rows(self, start: int, stop: int) -> GradUse:
+        """The same call restricted to examples ``start:stop`` (views of its factors)."""
+        raise NotImplementedError
+
 
 class EngineOptions(Protocol):
     """Settings that change speed only (see ``engine.clipper.EngineOptions``)."""
@@ -87,6 +98,19 @@ class CallSite(Protocol):
     def record(self, use: GradUse) -> dict[str, Tensor] | None:
         """Hand over one call's gradient factors (eager: None; compiled: the clipped grads)."""
         ...
+
+
+#: A chunk's temporaries may take this share of its calls' factors (inputs and output
+#: gradients, which backpropagation holds in any case)...
+WORKSPACE_SHARE = 0.25
+#: ...or this many elements, whichever is more: fewer, smaller kernels cost more in overhead.
+MIN_WORKSPACE = 2**18
+
+
+def examples_per_chunk(batch: int, temporary: int, held: int) -> int:
+    """Examples per chunk, for ``temporary`` and ``held`` elements per example."""
+    budget = max(WORKSPACE_SHARE * held * batch, MIN_WORKSPACE)
+    return max(1, min(batch, int(budget // max(temporary, 1))))
 
 
 def row_norm_sq(tensor: Tensor) -> Tensor:

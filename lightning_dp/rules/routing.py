@@ -28,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from lightning_dp.rules._affine import affine
+from lightning_dp.rules._norm_affine import group_norm, layer_norm
 from lightning_dp.rules._elementwise import broadcasts_over_examples, concat, elementwise
 from lightning_dp.rules.base import CallSite, Rule
 from lightning_dp.rules.conv import conv
@@ -195,8 +196,7 @@ def _layer_norm(
     names = mode.names(weight=weight, bias=bias)
     if names is None:
         return NotImplemented
-    xhat = F.layer_norm(input, normalized_shape, None, None, eps)
-    return affine(mode.site, xhat, weight, bias, names=names)
+    return layer_norm(mode.site, input, normalized_shape, weight, bias, eps, names=names)
 
 
 def _rms_norm(
@@ -217,8 +217,7 @@ def _group_norm(
     names = mode.names(weight=weight, bias=bias)
     if names is None:
         return NotImplemented
-    xhat = F.group_norm(input, num_groups, None, None, eps)
-    return affine(mode.site, xhat, weight, bias, channel_dim=1, names=names)
+    return group_norm(mode.site, input, num_groups, weight, bias, eps, names=names)
 
 
 def _getitem(mode: _RouteOps, tensor: Tensor, index: Any):
