@@ -16,14 +16,14 @@ def _ratio(value: float | None, ref: float | None) -> str:
     return f"{value / ref:.2f}x" if value is not None and ref else "n/a"
 
 
-def compare_table(title: str, rounds: dict[str, list[dict]], unit: str, budget_mib: float | None) -> str:
+def compare_table(title: str, rounds: dict[str, list[dict]], budget_mib: float | None) -> str:
     """One model's table: time, memory and largest batch of every case, with ratios."""
     best = {case: best_round(rs) for case, rs in rounds.items()}
     budget = f" (training memory ≤ {budget_mib:.0f} MiB)" if budget_mib else ""
     lines = [
         f"### {title}", "",
-        (f"| case | ms/step | vs non-private | CPU ms/step | vs non-private | peak {unit} "
-         f"| peak - base {unit} | largest batch{budget} | vs non-private "
+        ("| case | ms/step | vs non-private | CPU ms/step | vs non-private | training MiB "
+         f"| vs non-private | largest batch{budget} | vs non-private "
          "| every round: median ms (CPU stall) |"),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -35,10 +35,13 @@ def compare_table(title: str, rounds: dict[str, list[dict]], unit: str, budget_m
         spread = ", ".join(f"{x['ms']:.0f} ({x['stall']:.0f}%)" if "error" not in x else "failed"
                            for x in rounds[case])
         largest = r.get("largest_batch")
+        memory = r.get("training_mib")
+        memory_cell = f"{memory:.1f} ({r['memory_kind']})" if memory is not None else "-"
         lines.append(
             f"| {case} | {r['ms']:.1f} | {_ratio(r['ms'], ref.get('ms'))} | {r['cpu_ms']:.1f} "
-            f"| {_ratio(r['cpu_ms'], ref.get('cpu_ms'))} | {r['peak']:.0f} "
-            f"| {r['peak'] - r['base']:.0f} | {largest if largest is not None else '-'} "
+            f"| {_ratio(r['cpu_ms'], ref.get('cpu_ms'))} "
+            f"| {memory_cell} "
+            f"| {_ratio(memory, ref.get('training_mib'))} | {largest if largest is not None else '-'} "
             f"| {_ratio(largest, ref.get('largest_batch'))} | {spread} |")
     return "\n".join(lines)
 
@@ -76,8 +79,8 @@ def plot_compare(path: str, results: dict[str, dict[str, list[dict]]], time_key:
         axes[0][col].axhline(1.0, color="grey", lw=0.8)
         axes[0][col].set_title(model)
         axes[0][col].set_ylabel(f"{'CPU' if time_key == 'cpu_ms' else 'wall'} time / non-private")
-        axes[1][col].bar(cases, [ok[c]["peak"] - ok[c]["base"] for c in cases], color="tab:orange")
-        axes[1][col].set_ylabel("peak - base memory (MiB)")
+        axes[1][col].bar(cases, [ok[c]["training_mib"] for c in cases], color="tab:orange")
+        axes[1][col].set_ylabel("training memory (MiB)")
         for ax in axes[:, col]:
             ax.tick_params(axis="x", labelrotation=60)
     fig.tight_layout()

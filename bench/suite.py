@@ -6,10 +6,10 @@
 
 ``compare`` runs every case of bench/cases.py on each model (bench/workloads.py) in one fresh
 process per case and round (bench/harness.py), and reports the median step time after warm-up,
-process CPU time per step (robust when other processes share the cores), peak memory, the
-largest batch whose training fits ``--memory-budget-mib`` (model, optimizer
-state, batch, activations, gradients; doubling then bisection within the case's process, for
-``--search-cases``; 0 turns it off) and ratios to non-private training
+process CPU time per step (robust when other processes share the cores), training memory (model,
+optimizer state, batch, activations, gradients; on CPU as tensor bytes, see ``training_memory``),
+the largest batch whose training memory fits ``--memory-budget-mib`` (doubling then bisection
+within the case's process, for ``--search-cases``; 0 turns it off) and ratios to non-private training
 (compiled cases against compiled non-private). ``scaling`` times per-layer clipping of the GPT
 with each ``norm_method`` (ghost norm, per-example instantiation, auto) over a grid of sequence
 lengths and batch sizes, next to non-private training, so the ghost/instantiation crossover
@@ -34,6 +34,7 @@ from harness import (
     spawn,
     time_steps,
 )
+from tensor_bytes import TensorBytes
 from report import compare_table, plot_compare, plot_scaling, scaling_table
 from workloads import MODELS, PRESETS, TOKEN_MODELS, at_sequence_length, build, describe
 
@@ -117,7 +118,6 @@ def compare(args: argparse.Namespace) -> None:
     for case, reason in skipped.items():
         print(f"skipping {case}: {reason}")
     cases = [c for c in args.cases if c not in skipped]
-    unit = "MiB RSS" if args.device == "cpu" else "MiB alloc"
     tables, results = [], {}
     for model in args.models:
         shapes = [preset[model]]
@@ -132,7 +132,7 @@ def compare(args: argparse.Namespace) -> None:
             title = (f"{describe(model, shape)}, batch {shape['batch']}, {args.device}, {args.optimizer}, "
                      f"C={args.max_grad_norm}; median of {args.steps} steps after {args.warmup} "
                      f"warm-up, best of {args.rounds} round(s)")
-            tables.append(compare_table(title, results[key], unit, budget or None))
+            tables.append(compare_table(title, results[key], budget or None))
             print(tables[-1] + "\n", flush=True)
     write(args.out, "suite", tables, results)
     plot_compare(os.path.join(args.out, "suite.png"), results, time_key(args.device))
@@ -179,13 +179,15 @@ def write(out: str, name: str, tables: list[str], results: dict) -> None:
 
 
 def run_child(job: dict) -> dict:
-    """Time one case at the job's batch, then search the largest batch within the budget."""
+    """Time one case at the job's batch, measure its training memory, then search the largest
+    batch within the budget."""
     import torch
 
     device = torch.device(job["device"])
     if device.type == "cpu":
         torch.set_num_threads(job["threads"])
     result = time_case(job, device)
+    result["training_mib"], result["memory_kind"] = training_memory(job, device, job["batch"])
     if job.get("budget_mib"):
         result["largest_batch"] = largest_batch(
             lambda b: fits(job, device, b), job["batch"], job["batch_limit"])
@@ -198,26 +200,40 @@ def time_case(job: dict, device) -> dict:
     return time_steps(step, device, job["warmup"], job["steps"])
 
 
-def fits(job: dict, device, batch: int) -> bool:
-    """Whether building the model and two training steps at ``batch`` stay within the budget.
+def training_memory(job: dict, device, batch: int) -> tuple[float, str]:
+    """Peak MiB of building the model and two training steps at ``batch``, and what was counted.
 
-    Counted from the process's memory before the model is built: model, optimizer state, batch,
-    activations and gradients, not the interpreter and libraries (whose size differs between
-    engines and says nothing about batch capacity).
+    Model, optimizer state, batch, activations, gradients and temporaries; not the interpreter
+    and libraries (whose size differs between engines and says nothing about batch capacity).
+    Eager CPU cases count tensor bytes (``tensor_bytes.TensorBytes``: exact and repeatable);
+    compiled CPU cases, whose kernels a dispatch mode would bypass, count process RSS above
+    the start; CUDA counts the caching allocator's allocated bytes.
     """
-    import torch
-
-    release_free_memory(device)
-    reset_peak(device)
-    floor = memory_mib(device, peak=False)
-    try:
+    def train() -> None:
         model, inputs, targets = build(job["model"], job["shape"], batch, device)
         step, _ = build_step(job, model, inputs, targets)
         step()
         step()
+
+    if device.type == "cpu" and not job["case"].endswith("-compiled"):
+        with TensorBytes() as counted:
+            train()
+        return counted.peak / 2**20, "tensors"
+    release_free_memory(device)
+    reset_peak(device)
+    floor = memory_mib(device, peak=False)
+    train()
+    return memory_mib(device, peak=True) - floor, "RSS" if device.type == "cpu" else "allocated"
+
+
+def fits(job: dict, device, batch: int) -> bool:
+    """Whether building the model and two training steps at ``batch`` stay within the budget."""
+    import torch
+
+    try:
+        return training_memory(job, device, batch)[0] <= job["budget_mib"]
     except torch.OutOfMemoryError:
         return False
-    return memory_mib(device, peak=True) - floor <= job["budget_mib"]
 
 
 if __name__ == "__main__":

@@ -159,6 +159,9 @@ class Clipper:
         self._counts: dict[str, Tensor] = {}
         self._pending: dict[str, int] = defaultdict(int)
         self._uses: dict[str, list[tuple[Site, GradUse]]] = defaultdict(list)
+        #: Elements of the factors of calls clipped so far in this backward: backpropagation has
+        #: released (or is about to release) them, so later layers' temporaries may use as much.
+        self._released = 0
         self._callback_task: int | None = None
         #: Examples in the current forward. The strategies pin it to each micro-batch's size;
         #: otherwise ``make_private``'s hook reads it from the root model's inputs, or (when a
@@ -261,6 +264,7 @@ class Clipper:
             self._uses.clear()
             self._pending.clear()
             self._uses_per_param.clear()
+            self._released = 0
             self._callback_task = None
             raise RuntimeError(
                 f"lightning-dp: clipping groups {late} were still waiting for calls whose outputs "
@@ -273,6 +277,7 @@ class Clipper:
         self.repeated.update(name for name, count in self._uses_per_param.items() if count > 1)
         self._uses_per_param.clear()
         self._pending.clear()
+        self._released = 0
         self._callback_task = None
         if not self.examples_pinned:
             self.examples = None
@@ -300,7 +305,9 @@ class Clipper:
                 if self.group_of[canonical] == group_name:
                     contributions[canonical].append((use, role))
 
-        chunk = _chunk_size(contributions)
+        sizes = _workspaces(contributions)
+        chunk = _chunk_size(sizes, self._released)
+        self._released += sum(held * use.batch_size for use, (_, held) in sizes.items())
         if chunk is not None:
             self._clip_in_chunks(group_name, contributions, chunk)
             return
@@ -409,18 +416,25 @@ class Clipper:
         return grads
 
 
-def _chunk_size(contributions: dict[str, list[tuple[GradUse, str]]]) -> int | None:
-    """Examples per chunk when a group is worth clipping in chunks: every parameter has one
-    call (a shared one needs every use's factors at once), every call can be split, and the
-    temporaries of the whole batch would be large next to the factors (``GradUse.workspace``)."""
+def _workspaces(contributions: dict[str, list[tuple[GradUse, str]]]) -> dict[GradUse, tuple[int, int]]:
+    """(temporary, held) elements per example of each call of a group (``GradUse.workspace``);
+    empty when some call cannot be split or some parameter has several calls (a shared one
+    needs every use's factors at once)."""
     if any(len(calls) != 1 for calls in contributions.values()):
+        return {}
+    sizes = {calls[0][0]: calls[0][0].workspace() for calls in contributions.values()}
+    return {} if any(size is None for size in sizes.values()) else sizes
+
+
+def _chunk_size(sizes: dict[GradUse, tuple[int, int]], released: int) -> int | None:
+    """Examples per chunk when clipping the whole batch at once would make temporaries large
+    next to the group's factors plus what this backward has released; None: no chunks."""
+    if not sizes:
         return None
-    uses = list({calls[0][0]: None for calls in contributions.values()})
-    sizes = [use.workspace() for use in uses]
-    if any(size is None for size in sizes):
-        return None
-    batch = uses[0].batch_size
-    chunk = examples_per_chunk(batch, sum(t for t, _ in sizes), sum(h for _, h in sizes))
+    batch = next(iter(sizes)).batch_size
+    temporary = sum(t for t, _ in sizes.values())
+    held = sum(h for _, h in sizes.values())
+    chunk = examples_per_chunk(batch, temporary, held, spare=released)
     return chunk if chunk < batch else None
 
 

@@ -73,6 +73,12 @@ class ConvUse(GradUse):
         d = weight.shape[1] * math.prod(spec.kernel_size)
         self.method = choose_norm_method(batch * groups, positions, p, d, norm_method, g.device.type)
         self._instantiated: Tensor | None = None
+        self._bias_rows: Tensor | None = None
+
+    def _bias_per_example(self) -> Tensor:
+        if self._bias_rows is None:  # read by both the norm and the clipped sum
+            self._bias_rows = self.g.flatten(2).sum(2)
+        return self._bias_rows
 
     def _patches(self) -> Tensor:
         u = unfold_patches(self.x, self.spec)  # [B, C_in * K, L]
@@ -87,7 +93,7 @@ class ConvUse(GradUse):
 
     def norm_sq(self, name: str) -> Tensor:
         if name == "bias":
-            return row_norm_sq(self.g.flatten(2).sum(2))
+            return row_norm_sq(self._bias_per_example())
         if self.method == "instantiate":
             return row_norm_sq(self._weight_per_example())
         g, u = upcast(self.g_grouped), upcast(self._patches())
@@ -97,12 +103,12 @@ class ConvUse(GradUse):
 
     def per_example(self, name: str) -> Tensor:
         if name == "bias":
-            return self.g.flatten(2).sum(2)
+            return self._bias_per_example()
         return self._weight_per_example()
 
     def clipped_grad(self, name: str, scale: Tensor) -> Tensor:
         if name == "bias":
-            return weighted_sum(scale, self.g.flatten(2).sum(2))
+            return weighted_sum(scale, self._bias_per_example())
         if self._instantiated is not None:
             return weighted_sum(scale, self._instantiated)
         spec = self.spec

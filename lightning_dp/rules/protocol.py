@@ -102,14 +102,15 @@ class CallSite(Protocol):
 
 #: A chunk's temporaries may take this share of its calls' factors (inputs and output
 #: gradients, which backpropagation holds in any case)...
-WORKSPACE_SHARE = 0.25
+WORKSPACE_SHARE = 0.5
 #: ...or this many elements, whichever is more: fewer, smaller kernels cost more in overhead.
 MIN_WORKSPACE = 2**18
 
 
-def examples_per_chunk(batch: int, temporary: int, held: int) -> int:
-    """Examples per chunk, for ``temporary`` and ``held`` elements per example."""
-    budget = max(WORKSPACE_SHARE * held * batch, MIN_WORKSPACE)
+def examples_per_chunk(batch: int, temporary: int, held: int, spare: int = 0) -> int:
+    """Examples per chunk, for ``temporary`` and ``held`` elements per example, and ``spare``
+    elements known to be free (e.g. released by the layers the backward has passed)."""
+    budget = max(WORKSPACE_SHARE * held * batch + spare, MIN_WORKSPACE)
     return max(1, min(batch, int(budget // max(temporary, 1))))
 
 

@@ -1,7 +1,7 @@
 """Clipping a batch a few examples at a time (bounded temporaries) changes no result.
 
-The tests' models are small, so by default every call fits in one chunk; here the workspace
-limits are set to zero, which makes every chunk one example, and each result is compared
+The tests' models are small, so by default every call fits in one chunk; here every chunk is
+made one example, and each result is compared
 against the float64 single-example loop, with clipping exercised, NaN rows and padding rows.
 """
 
@@ -17,8 +17,9 @@ from oracle import run_case
 
 import lightning_dp as ldp
 from lightning_dp.engine import clipper_of
+from lightning_dp.engine import clipper as clipper_module
 from lightning_dp.engine.clipper import Clipper
-from lightning_dp.rules import protocol
+from lightning_dp.rules import base
 
 SPLITTABLE = ("mlp", "seq_linear", "conv1d", "conv2d", "conv3d", "norms", "vit", "custom_leaf")
 
@@ -26,8 +27,8 @@ SPLITTABLE = ("mlp", "seq_linear", "conv1d", "conv2d", "conv3d", "norms", "vit",
 @pytest.fixture
 def one_example_chunks(monkeypatch):
     """Chunks of one example everywhere; returns the list of chunk sizes groups were cut into."""
-    monkeypatch.setattr(protocol, "MIN_WORKSPACE", 0)
-    monkeypatch.setattr(protocol, "WORKSPACE_SHARE", 1e-12)
+    for module in (clipper_module, base):
+        monkeypatch.setattr(module, "examples_per_chunk", lambda *args, **kwargs: 1)
     chunks: list[int] = []
     original = Clipper._clip_in_chunks
 
