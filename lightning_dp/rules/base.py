@@ -10,6 +10,7 @@ only by the engine, after clipping.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +29,7 @@ from lightning_dp.rules.protocol import (
 
 __all__ = [
     "CallSite", "GradUse", "Rule", "TokenFactors", "as_tokens", "row_dot", "row_norm_sq",
-    "rows_where", "scale_rows", "sum_product_per_example", "trainable", "upcast", "weighted_sum",
+    "rows_kept_by", "rows_where", "scale_rows", "sum_product_per_example", "trainable", "upcast", "weighted_sum",
 ]
 
 
@@ -89,23 +90,50 @@ def _every_row_kept(ok: Tensor) -> bool:
     return ok.device.type == "cpu" and not torch.compiler.is_compiling() and bool(ok.all())
 
 
+class _NoZeroScale:
+    """Whether the last clip-factor tensor checked has no zero, remembered: every parameter of
+    a group is clipped with the same factors, so the check runs once per group, not per use."""
+
+    def __init__(self) -> None:
+        self._last: tuple[weakref.ref, bool] | None = None
+
+    def __call__(self, scale: Tensor) -> bool:
+        if self._last is not None and self._last[0]() is scale:
+            return self._last[1]
+        result = _every_row_kept(scale)  # nonzero entries are True
+        if not torch.compiler.is_compiling():
+            self._last = (weakref.ref(scale), result)
+        return result
+
+
+_no_zero_scale = _NoZeroScale()
+
+
 def rows_where(ok: Tensor, tensor: Tensor) -> Tensor:
     """Zero the rows (dim 0) of ``tensor`` where ``ok`` is False, NaN and inf included."""
     if _every_row_kept(ok):
         return tensor
+    return _zero_rows(ok, tensor)
+
+
+def _zero_rows(ok: Tensor, tensor: Tensor) -> Tensor:
     shape = (-1,) + (1,) * (tensor.dim() - 1)
     return torch.where(ok.view(shape), tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
+
+
+def rows_kept_by(scale: Tensor, tensor: Tensor) -> Tensor:
+    """``tensor`` with the rows of clip factor 0 zeroed (NaN and inf included)."""
+    return tensor if _no_zero_scale(scale) else _zero_rows(scale != 0, tensor)
 
 
 def scale_rows(scale: Tensor, tensor: Tensor) -> Tensor:
     """``scale[i] * tensor[i]``, with rows of scale 0 exactly zero even if they hold NaN/inf."""
     shape = (-1,) + (1,) * (tensor.dim() - 1)
-    scaled = tensor * scale.to(tensor.dtype).view(shape)
-    return rows_where(scale != 0, scaled)
+    return rows_kept_by(scale, tensor * scale.to(tensor.dtype).view(shape))
 
 
 def weighted_sum(scale: Tensor, tensor: Tensor) -> Tensor:
     """``sum_i scale[i] * tensor[i]`` as one matrix-vector product (no scaled copy of
     ``tensor``); rows of scale 0 add exactly zero even if they hold NaN/inf."""
-    kept = rows_where(scale != 0, tensor)
+    kept = rows_kept_by(scale, tensor)
     return (scale.to(tensor.dtype) @ kept.flatten(1)).view(tensor.shape[1:])

@@ -23,7 +23,7 @@ from lightning_dp.rules.base import (
     Rule,
     row_dot,
     row_norm_sq,
-    rows_where,
+    rows_kept_by,
     scale_rows,
     trainable,
     upcast,
@@ -113,7 +113,7 @@ class ConvUse(GradUse):
             return weighted_sum(scale, self._instantiated)
         spec = self.spec
         _, grad_weight, _ = torch.ops.aten.convolution_backward(  # scaled output-gradient rows
-            scale_rows(scale, self.g), rows_where(scale != 0, self.x), self._weight,
+            scale_rows(scale, self.g), rows_kept_by(scale, self.x), self._weight,
             None, spec.stride, spec.padding, spec.dilation, False,
             [0] * len(spec.kernel_size), spec.groups, [False, True, False],
         )

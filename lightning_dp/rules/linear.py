@@ -24,7 +24,7 @@ from lightning_dp.rules.base import (
     as_tokens,
     row_dot,
     row_norm_sq,
-    rows_where,
+    rows_kept_by,
     scale_rows,
     trainable,
     upcast,
@@ -125,11 +125,11 @@ class LinearUse(GradUse):
         if self._instantiated is not None:
             grad = weighted_sum(scale, self._instantiated)
         else:  # (c * g)^T x = g^T (c * x): the scaled copy is of the narrower factor
-            g, x, keep = self.g, self.x, scale != 0
+            g, x = self.g, self.x
             if g.shape[2] <= x.shape[2]:
-                g, x = scale_rows(scale, g), rows_where(keep, x)
+                g, x = scale_rows(scale, g), rows_kept_by(scale, x)
             else:
-                g, x = rows_where(keep, g), scale_rows(scale, x)
+                g, x = rows_kept_by(scale, g), scale_rows(scale, x)
             grad = g.flatten(0, 1).t().mm(x.flatten(0, 1))
         return grad.t() if self.transposed else grad
 
