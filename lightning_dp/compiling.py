@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lightning_dp.engine import deferred_ops
-from lightning_dp.engine.make_private import _state
+from lightning_dp.engine.make_private import _state, refuse_unplanned_trainable
 
 PASS_OPTION = "post_grad_custom_pre_pass"
 
@@ -101,7 +101,22 @@ def compile(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
     ``torch.compile`` (``fullgraph=True`` works); the backend must be inductor.
     """
     _warn_if_never_run_eagerly(model)
-    return torch.compile(model, **_with_dp_pass(model, compile_kwargs))
+    compiled = torch.compile(model, **_with_dp_pass(model, compile_kwargs))
+    # the compiled wrapper's own hooks run eagerly, where parameters are the model's own
+    compiled.register_forward_pre_hook(_TrainableCheck(model))
+    return compiled
+
+
+class _TrainableCheck:
+    """Before each compiled call with gradients: the trainable parameters are the planned ones
+    (a recompilation after unfreezing would otherwise trace the new ones unclipped)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if torch.is_grad_enabled():
+            refuse_unplanned_trainable(self.model)
 
 
 def compile_in_place(module: nn.Module, **compile_kwargs: Any) -> None:

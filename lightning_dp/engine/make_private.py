@@ -324,7 +324,8 @@ def first_batch_dim(args: tuple, kwargs: dict) -> int | None:
 
 class _CountExamples:
     """Forward pre-hook on the root model: each call of it starts a forward over this many
-    examples (unless a strategy has pinned the count to its micro-batch)."""
+    examples (unless a strategy has pinned the count to its micro-batch), with the trainable
+    parameters the clipping groups were planned for."""
 
     def __init__(self, clipper: Clipper, batch_size_fn: BatchSizeFn) -> None:
         self.clipper, self.batch_size_fn = clipper, batch_size_fn
@@ -333,8 +334,26 @@ class _CountExamples:
         clipper = self.clipper
         clipper.forget_interrupted_backward()
         if clipper.examples_pinned or not (clipper.enabled and torch.is_grad_enabled()):
-            return
+            return  # pinned: a strategy runs the step, and re-plans trainable parameters itself
+        if not torch.compiler.is_compiling():  # traced graphs: see lightning_dp.compile
+            refuse_unplanned_trainable(module)
         clipper.examples = self.batch_size_fn(args, kwargs)
+
+
+def refuse_unplanned_trainable(model: nn.Module) -> None:
+    """Raise when a parameter became trainable after ``make_private``: it is in no clipping
+    group, and a module that had no trainable parameter runs its plain forward, so its gradient
+    would land unclipped."""
+    planned = _state(model).params  # by name: FSDP2 swaps parameter objects around forwards
+    unplanned = [n for n, p in model.named_parameters() if p.requires_grad and n not in planned]
+    if unplanned:
+        raise ValueError(
+            f"make_private: parameters {unplanned[:5]}{' ...' if len(unplanned) > 5 else ''} "
+            "became trainable after the model was made private, so no clipping group covers "
+            "them and their gradients would not be clipped. Change requires_grad before "
+            "make_private, or call strip_private(model) and make_private(model, ...) again "
+            "after unfreezing (the DP strategies re-plan by themselves)."
+        )
 
 
 class _LeakGuard:

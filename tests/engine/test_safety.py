@@ -102,3 +102,45 @@ def test_deepcopy_gives_an_independent_private_model_with_its_guard():
     assert twin[0].weight.grad is not None
     with pytest.raises(ldp.PrivacyLeakError):
         (twin(x).sum() + twin[1].weight.sum()).backward()
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    return GPT2LMHeadModel(config).eval()  # dropout off: both backwards see the same function
+
+
+def _per_example_loss_sum(model, ids):
+    logits = model(input_ids=ids).logits
+    return nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="sum")
+
+
+def test_a_layer_unfrozen_after_make_private_is_refused_then_clipped_once_replanned():
+    """A careless user freezes the first block, makes the model private, then unfreezes it:
+    before, that block trained with ordinary (unclipped) gradients, silently."""
+    model = _tiny_gpt2()
+    model.transformer.h[0].requires_grad_(False)
+    ldp.make_private(model, clipping="flat", max_grad_norm=1e-3)
+    ids = torch.randint(0, 50, (4, 8))
+    _per_example_loss_sum(model, ids).backward()  # the planned set: accepted
+    model.transformer.h[0].requires_grad_(True)
+    with torch.no_grad():
+        model(input_ids=ids)  # no gradient, nothing to clip: accepted
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\..* became trainable after"):
+        _per_example_loss_sum(model, ids)
+
+    ldp.strip_private(model)
+    ldp.make_private(model, clipping="flat", max_grad_norm=1e-3)
+    model.zero_grad(set_to_none=True)
+    _per_example_loss_sum(model, ids).backward()
+    total = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    _per_example_loss_sum(model, ids[1:]).backward()
+    without_first = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert ldp.group_norms(model)["flat"].min() > 1e-3  # every example is clipped
+    block = model.transformer.h[0].mlp.c_fc.weight
+    assert block.grad is not None and block.grad.abs().sum() > 0
+    # the DP property, with the unfrozen block included: one example moves the sum by <= S
+    assert (total - without_first).norm() <= 1e-3 * (1 + 1e-4)

@@ -112,6 +112,23 @@ def test_a_graph_compiled_without_the_pass_refuses_to_run():
         loss_fn(compiled, ids).backward()
 
 
+def test_a_layer_unfrozen_after_compiling_is_refused_before_it_trains():
+    """An unfrozen layer would recompile into a graph where it trains with plain gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    private = ldp.make_private(model, clipping="layer")
+    x = torch.randn(3, 4)
+    private(x).sum().backward()
+    compiled = ldp.compile(private)
+    compiled(x).sum().backward()
+    model[0].requires_grad_(True)
+    with pytest.raises(ValueError, match=r"\['0.weight', '0.bias'\] became trainable after"):
+        compiled(x)
+    with torch.no_grad():
+        compiled(x)  # inference is not training: accepted
+
+
 def test_pass_is_inert_in_inference_graphs():
     model, ids = _setup()
     private = ldp.make_private(model, clipping="layer")
