@@ -104,7 +104,7 @@ class CallSite(Protocol):
 #: gradients, which backpropagation holds in any case)...
 WORKSPACE_SHARE = 0.5
 #: ...or this many elements, whichever is more: fewer, smaller kernels cost more in overhead.
-MIN_WORKSPACE = 2**18
+MIN_WORKSPACE = 2**19
 
 
 def examples_per_chunk(batch: int, temporary: int, held: int, spare: int = 0) -> int:
