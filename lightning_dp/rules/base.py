@@ -29,7 +29,7 @@ from lightning_dp.rules.protocol import (
 
 __all__ = [
     "CallSite", "GradUse", "Rule", "TokenFactors", "as_tokens", "row_dot", "row_norm_sq",
-    "rows_kept_by", "rows_where", "scale_rows", "sum_product_per_example", "trainable", "upcast", "weighted_sum",
+    "rows_kept_by", "scale_rows", "sum_product_per_example", "trainable", "upcast", "weighted_sum",
 ]
 
 
@@ -109,14 +109,8 @@ class _NoZeroScale:
 _no_zero_scale = _NoZeroScale()
 
 
-def rows_where(ok: Tensor, tensor: Tensor) -> Tensor:
-    """Zero the rows (dim 0) of ``tensor`` where ``ok`` is False, NaN and inf included."""
-    if _every_row_kept(ok):
-        return tensor
-    return _zero_rows(ok, tensor)
-
-
 def _zero_rows(ok: Tensor, tensor: Tensor) -> Tensor:
+    """Zero the rows (dim 0) of ``tensor`` where ``ok`` is False, NaN and inf included."""
     shape = (-1,) + (1,) * (tensor.dim() - 1)
     return torch.where(ok.view(shape), tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
 

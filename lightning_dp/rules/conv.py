@@ -70,8 +70,9 @@ class ConvUse(GradUse):
         flat = g.flatten(2)  # reshape, not unflatten: dynamo cannot trace Tensor.unflatten
         self.g_grouped = flat.reshape(flat.shape[0], groups, flat.shape[1] // groups, flat.shape[2])  # [B, G, p, L]
         p, positions = self.g_grouped.shape[2], self.g_grouped.shape[3]
-        d = weight.shape[1] * math.prod(spec.kernel_size)
-        self.method = choose_norm_method(batch * groups, positions, p, d, norm_method, g.device.type)
+        self.patch_len = weight.shape[1] * math.prod(spec.kernel_size)  # d of one channel group
+        self.method = choose_norm_method(
+            batch * groups, positions, p, self.patch_len, norm_method, g.device.type)
         self._instantiated: Tensor | None = None
         self._bias_rows: Tensor | None = None
 
@@ -121,7 +122,7 @@ class ConvUse(GradUse):
 
     def workspace(self) -> tuple[int, int] | None:
         groups, p, positions = self.g_grouped.shape[1:]
-        d = self._weight.shape[1] * math.prod(self.spec.kernel_size)
+        d = self.patch_len
         patches = groups * d * positions
         if self.method == "instantiate":
             workspace = patches + groups * p * d
