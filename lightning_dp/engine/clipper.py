@@ -364,16 +364,16 @@ class Clipper:
 
     def _clip_factors(self, group_name: str, norms: Tensor, first_row: int) -> Tensor:
         """Clip factors of rows ``first_row, first_row + 1, ...`` of the batch."""
-        keep = torch.isfinite(norms)
-        if self.real_rows is not None and first_row + norms.shape[0] > self.real_rows:
-            keep[max(self.real_rows - first_row, 0) :] = False
         factors = self.clip_fn(norms, self.groups[group_name].threshold, self.gamma)
-        return torch.where(keep, factors, 0.0)
+        factors.nan_to_num_(nan=0.0, posinf=0.0)  # a NaN norm (an inf one already gives 0)
+        if self.real_rows is not None and first_row + norms.shape[0] > self.real_rows:
+            factors[max(self.real_rows - first_row, 0) :] = 0.0
+        return factors
 
     def _record(self, group_name: str, norms: Tensor) -> None:
         """Keep the stats (and adaptive counts) of the real rows of a group's norms."""
         group = self.groups[group_name]
-        real = norms.detach()
+        real = norms.detach() if norms.requires_grad else norms
         if self.real_rows is not None:
             real = real[: self.real_rows]
         self.stats[group_name] = GroupStats(norms=real, threshold=group.threshold)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_dp.rules.protocol import row_dot, row_norm_sq
+from lightning_dp.rules.protocol import row_dot_, row_norm_sq
 
 
 def norm_sq_of_sum(norm_sqs: list[Tensor], factors: list[Tensor], counts: list[int]) -> Tensor:
@@ -46,7 +46,7 @@ def _cross(rows_a: Tensor, cols_a: Tensor, rows_b: Tensor, cols_b: Tensor) -> Te
     """``<G_a, G_b>`` per example from token factors: sum over token pairs (t, s) of
     ``<r_t, r'_s> <c_t, c'_s>``."""
     cols = torch.bmm(cols_a, cols_b.transpose(1, 2))  # [B, Ta, Tb]
-    return row_dot(_row_gram(rows_a, rows_b).to(cols.dtype), cols)
+    return row_dot_(_row_gram(rows_a, rows_b).to(cols.dtype), cols)
 
 
 def _row_gram(a: Tensor, b: Tensor) -> Tensor:

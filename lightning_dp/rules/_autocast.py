@@ -27,4 +27,8 @@ def cast_for_autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
 
 
 def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off inside the primitive (a no-op context when it is off already: entering
+    ``torch.autocast`` costs more than some of the small ops it would wrap)."""
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)

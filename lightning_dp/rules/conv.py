@@ -21,7 +21,7 @@ from lightning_dp.rules.base import (
     CallSite,
     GradUse,
     Rule,
-    row_dot,
+    row_dot_,
     row_norm_sq,
     rows_kept_by,
     scale_rows,
@@ -100,7 +100,7 @@ class ConvUse(GradUse):
         g, u = upcast(self.g_grouped), upcast(self._patches())
         gram_g = torch.einsum("bgpl,bgpm->bglm", g, g)
         gram_u = torch.einsum("bgdl,bgdm->bglm", u, u)
-        return row_dot(gram_g, gram_u)
+        return row_dot_(gram_g, gram_u)
 
     def per_example(self, name: str) -> Tensor:
         if name == "bias":

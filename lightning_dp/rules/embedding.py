@@ -20,7 +20,7 @@ from lightning_dp.rules.base import (
     GradUse,
     Rule,
     TokenFactors,
-    row_dot,
+    row_dot_,
     row_norm_sq,
     scale_rows,
     upcast,
@@ -90,7 +90,7 @@ class PairwiseEmbeddingUse(GradUse):
     def norm_sq(self, name: str) -> Tensor:
         g = upcast(self.g)
         same = (self.ids.unsqueeze(2) == self.ids.unsqueeze(1)).to(g.dtype)  # [B, T, T]
-        return row_dot(same, torch.bmm(g, g.transpose(1, 2)))
+        return row_dot_(same, torch.bmm(g, g.transpose(1, 2)))
 
     def token_factors(self, name: str) -> TokenFactors:
         return TokenFactors(rows=self.ids, cols=upcast(self.g))

@@ -22,7 +22,7 @@ from lightning_dp.rules.base import (
     Rule,
     TokenFactors,
     as_tokens,
-    row_dot,
+    row_dot_,
     row_norm_sq,
     rows_kept_by,
     scale_rows,
@@ -105,7 +105,7 @@ class LinearUse(GradUse):
         g, x = upcast(self.g), upcast(self.x)
         if g.shape[1] == 1:
             return row_norm_sq(g) * row_norm_sq(x)
-        return row_dot(torch.bmm(g, g.transpose(1, 2)), torch.bmm(x, x.transpose(1, 2)))
+        return row_dot_(torch.bmm(g, g.transpose(1, 2)), torch.bmm(x, x.transpose(1, 2)))
 
     def per_example(self, name: str) -> Tensor:
         if name == "bias":
