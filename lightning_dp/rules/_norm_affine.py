@@ -48,9 +48,9 @@ class NormSpec:
     def normalized(self, x: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
         """``xhat`` of some examples (rows of ``x`` with their statistics)."""
         if self.groups is None:
-            return (x - mean) * rstd  # statistics keep the normalised dims as size 1
+            return (x - mean).mul_(rstd)  # statistics keep the normalised dims as size 1
         grouped = x.reshape(x.shape[0], self.groups, x.shape[1:].numel() // self.groups)
-        return ((grouped - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)).view(x.shape)
+        return (grouped - mean.unsqueeze(-1)).mul_(rstd.unsqueeze(-1)).view(x.shape)
 
 
 class _NormAffineFn(torch.autograd.Function):
