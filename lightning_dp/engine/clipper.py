@@ -449,7 +449,8 @@ def shared_use(use: GradUse, name: str) -> tuple[Tensor, list[Tensor]]:
 
 
 def _accumulate(param: Tensor, grad: Tensor) -> None:
-    grad = grad.to(param.dtype)
+    if grad.dtype != param.dtype:
+        grad = grad.to(param.dtype)
     if param.grad is None:
         param.grad = grad
     else:
