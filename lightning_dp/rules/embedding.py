@@ -47,11 +47,14 @@ class EmbeddingUse(GradUse):
         super().__init__({"weight": weight}, batch)
         self.num_embeddings = weight.shape[0]
         ids, g = _tokens(ids, g)
-        keep = torch.ones_like(ids, dtype=torch.bool) if padding_idx is None else ids != padding_idx
-        self.example = torch.arange(batch, device=ids.device).unsqueeze(1).expand_as(ids)[keep]
-        self.ids = ids[keep]
-        self.g = g[keep]  # [tokens kept, d], row r belongs to example self.example[r]
-        self._by_example = (ids, g, None if padding_idx is None else keep)  # for token_factors
+        example = torch.arange(batch, device=ids.device).unsqueeze(1).expand_as(ids)
+        keep = None if padding_idx is None else ids != padding_idx
+        if keep is None:  # every token: views, not boolean-indexed copies
+            self.example, self.ids, self.g = example.reshape(-1), ids.reshape(-1), g.reshape(-1, g.shape[-1])
+        else:
+            self.example, self.ids, self.g = example[keep], ids[keep], g[keep]
+        # row r of self.g (one token kept) belongs to example self.example[r]
+        self._by_example = (ids, g, keep)  # for token_factors
 
     def token_factors(self, name: str) -> TokenFactors:
         ids, g, keep = self._by_example
