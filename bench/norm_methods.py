@@ -8,7 +8,7 @@ Each row times one layer's whole weight-and-bias clipping (norms, clip factors, 
 both ways, as a multiple of the non-private weight and bias gradient (``g^T x`` and ``sum g``),
 and marks the shapes where ``choose_norm_method(..., "auto")`` picks the slower method, with
 what that costs. The rule's constant is the multiply-adds one instantiated element is worth
-(``lightning_dp/rules/linear.py``); a device whose rows are often marked needs another.
+(``lightning_dp/rules/norm_method.py``); a device whose rows are often marked needs another.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import time
 
 import torch
 from harness import environment
+
+from lightning_dp.rules.norm_method import choose_norm_method
 
 linear = importlib.import_module("lightning_dp.rules.linear")  # the package also exports linear()
 
@@ -69,10 +71,10 @@ def main() -> None:
         x = torch.randn(batch, tokens, d, device=device)
         g = torch.randn(batch, tokens, p, device=device)
         repeats = max(3, int(2e8 / (batch * tokens * p * d)))
-        base = best_ms(lambda: non_private(x, g), repeats, device)
-        ms = {m: best_ms(lambda m=m: clip_one_layer(x, g, params, m), repeats, device)
+        base = best_ms(lambda x=x, g=g: non_private(x, g), repeats, device)
+        ms = {m: best_ms(lambda m=m, x=x, g=g: clip_one_layer(x, g, params, m), repeats, device)
               for m in ("ghost", "instantiate")}
-        picked = linear.choose_norm_method(batch, tokens, p, d, "auto", device.type)
+        picked = choose_norm_method(batch, tokens, p, d, "auto", device.type)
         loss = ms[picked] / min(ms.values()) - 1
         print(f"| {batch} | {tokens} | {p} | {d} | {base:.3f} | {ms['ghost'] / base:.2f}x | "
               f"{ms['instantiate'] / base:.2f}x | {picked} | {'' if loss < 0.02 else f'{loss:.0%}'} |")

@@ -28,7 +28,7 @@ from lightning_dp.engine.groups import (
 )
 from lightning_dp.engine.validation import check_no_cross_example_layers
 from lightning_dp.rules import rules
-from lightning_dp.rules.linear import NormMethod
+from lightning_dp.rules.norm_method import NormMethod
 from lightning_dp.rules.routing import RoutedRule
 
 ClippingStyle = Literal["flat", "layer", "unit"]
@@ -101,7 +101,9 @@ def make_private(
         clip_fn: ``"abadi"`` (``min(1, C/||g||)``) or ``"automatic"`` (``C/(||g||+gamma)``).
         max_grad_norm: threshold C for every group, or a mapping group name -> C.
         gamma: the stabiliser of automatic clipping.
-        norm_method: ``"auto"`` picks ghost norm or instantiation per layer by shape; speed only.
+        norm_method: ``"auto"`` picks ghost norm or instantiation per layer by shape,
+            ``"measure"`` times both once per layer shape on the running device (fixed shapes;
+            the choice may differ between runs); speed only.
         fallback: modules whose own forward uses their parameters in ops no rule stands for
             (``x * self.gain``, a bare ``nn.Parameter`` class token) are handled by the
             ``torch.func`` fallback instead of being refused. Modules whose forward calls

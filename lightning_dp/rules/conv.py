@@ -29,7 +29,7 @@ from lightning_dp.rules.base import (
     upcast,
     weighted_sum,
 )
-from lightning_dp.rules.linear import choose_norm_method
+from lightning_dp.rules.norm_method import can_measure, choose_norm_method, fastest_method
 from lightning_dp.rules.registry import rules
 
 
@@ -71,8 +71,14 @@ class ConvUse(GradUse):
         self.g_grouped = flat.reshape(flat.shape[0], groups, flat.shape[1] // groups, flat.shape[2])  # [B, G, p, L]
         p, positions = self.g_grouped.shape[2], self.g_grouped.shape[3]
         self.patch_len = weight.shape[1] * math.prod(spec.kernel_size)  # d of one channel group
-        self.method = choose_norm_method(
-            batch * groups, positions, p, self.patch_len, norm_method, g.device.type)
+        d = self.patch_len
+        if "weight" in params and can_measure(norm_method, batch * groups, positions, p, d):
+            key = ("conv", g.device.type, g.dtype, tuple(x.shape), tuple(g.shape), spec)
+            workspace = groups * (d * positions + p * d)  # patches and instantiated gradients
+            self.method = fastest_method(key, batch, workspace, x.shape[1:].numel() + g.shape[1:].numel(),
+                                         self._first_examples)
+        else:
+            self.method = choose_norm_method(batch * groups, positions, p, d, norm_method, g.device.type)
         self._instantiated: Tensor | None = None
         self._bias_rows: Tensor | None = None
 
@@ -129,6 +135,9 @@ class ConvUse(GradUse):
         else:
             workspace = patches + 2 * groups * positions * positions + groups * p * positions
         return workspace, self.x.shape[1:].numel() + self.g.shape[1:].numel()
+
+    def _first_examples(self, method: str, count: int) -> ConvUse:
+        return ConvUse(self.x[:count], self.g[:count], self.params, self.spec, self._weight, method)
 
     def example_rows(self, start: int, stop: int) -> ConvUse:
         part = ConvUse(

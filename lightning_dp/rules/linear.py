@@ -9,8 +9,6 @@ rows are scaled and the ordinary weight-gradient matmul runs once.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,38 +28,13 @@ from lightning_dp.rules.base import (
     upcast,
     weighted_sum,
 )
+from lightning_dp.rules.norm_method import (
+    NormMethod,
+    can_measure,
+    choose_norm_method,
+    fastest_method,
+)
 from lightning_dp.rules.registry import rules
-
-NormMethod = Literal["auto", "ghost", "instantiate"]
-
-#: Instantiate per-example weight gradients only while they fit in this many elements.
-INSTANTIATE_MAX_NUMEL = 2**26
-#: Ghost norms cost T^2 (p + d) multiply-adds per example beyond the weight gradient, which
-#: instantiation gets for free (its clipped sum needs no second matmul); instantiation instead
-#: writes and reads p*d elements per example about three times. These are the multiply-adds one
-#: such element is worth: chosen from CPU measurements (bench/RESULTS.md, "Issue 2" and
-#: "Scaling"), and estimated for accelerators from an H100's ratio of bandwidth to matmul
-#: throughput (not yet measured).
-GHOST_WORK_PER_ELEMENT = {"cpu": 15}
-GHOST_WORK_PER_ELEMENT_ACCELERATOR = 300
-
-
-def choose_norm_method(
-    batch: int, tokens: int, p: int, d: int, method: NormMethod, device: str = "cpu"
-) -> str:
-    """Ghost norm when its extra work, T^2 (p + d) per example, costs less than moving the
-    instantiated p*d gradients (DESIGN §3's comparison, with instantiation's free weight
-    gradient counted); instantiation only while it fits in memory."""
-    if method != "auto":
-        return method
-    if tokens == 1:
-        return "ghost"  # ||g_i||^2 * ||x_i||^2: trivially cheap
-    if batch * p * d > INSTANTIATE_MAX_NUMEL:
-        return "ghost"
-    worth = GHOST_WORK_PER_ELEMENT.get(device, GHOST_WORK_PER_ELEMENT_ACCELERATOR)
-    if tokens * tokens * (p + d) < worth * p * d:
-        return "ghost"
-    return "instantiate"
 
 
 class LinearUse(GradUse):
@@ -83,7 +56,11 @@ class LinearUse(GradUse):
         self.transposed = transposed  # GPT-2 Conv1D stores W as [d, p]
         tokens, p = self.g.shape[1], self.g.shape[2]
         d = self.x.shape[2] if self.x is not None else 0
-        self.method = choose_norm_method(batch, tokens, p, d, norm_method, self.g.device.type)
+        if self.x is not None and can_measure(norm_method, batch, tokens, p, d):
+            key = ("linear", self.g.device.type, self.g.dtype, batch, tokens, p, d)
+            self.method = fastest_method(key, batch, p * d, tokens * (p + d), self._first_examples)
+        else:
+            self.method = choose_norm_method(batch, tokens, p, d, norm_method, self.g.device.type)
         self._instantiated: Tensor | None = None
         self._bias_rows: Tensor | None = None
 
@@ -142,6 +119,10 @@ class LinearUse(GradUse):
         else:
             workspace = (2 * tokens * tokens if tokens > 1 else 0) + tokens * min(p, d)
         return workspace, tokens * (p + d)
+
+    def _first_examples(self, method: str, count: int) -> LinearUse:
+        return LinearUse(self.x[:count], self.g[:count], self.params,
+                         transposed=self.transposed, norm_method=method)
 
     def example_rows(self, start: int, stop: int) -> LinearUse:
         part = LinearUse(

@@ -17,7 +17,7 @@ from typing_extensions import override
 from lightning_dp.compiling import compile_in_place
 from lightning_dp.engine.clip_fns import ClipFn
 from lightning_dp.engine.make_private import ThresholdMode
-from lightning_dp.rules.linear import NormMethod
+from lightning_dp.rules.norm_method import NormMethod
 from lightning_dp.strategies.loss import LossReduction
 from lightning_dp.strategies.private_step import PrivateStepMixin
 from lightning_dp.strategies.private_training import (

@@ -31,7 +31,7 @@ from lightning_dp.engine import clipper_of
 from lightning_dp.engine.clip_fns import ClipFn
 from lightning_dp.engine.make_private import ThresholdMode
 from lightning_dp.engine.self_check import SelfCheckReport, self_check_across_ranks
-from lightning_dp.rules.linear import NormMethod
+from lightning_dp.rules.norm_method import NormMethod
 from lightning_dp.strategies.dp import check_trainer_supports_dp
 from lightning_dp.strategies.fsdp_sharding import (
     fully_shard_kwargs,

@@ -38,7 +38,7 @@ from lightning_dp.engine import (
 from lightning_dp.engine.clip_fns import ClipFn
 from lightning_dp.engine.make_private import ThresholdMode
 from lightning_dp.noise import add_noise_and_normalize, make_noise_generator
-from lightning_dp.rules.linear import NormMethod
+from lightning_dp.rules.norm_method import NormMethod
 from lightning_dp.strategies.loss import LossReduction
 from lightning_dp.strategies.ownership import claim
 from lightning_dp.thresholds import (

@@ -25,7 +25,7 @@ def test_batch_of_zero_and_one(case, clipping, batch_size):
     run_case(case, clipping, "abadi", batch_size=batch_size)
 
 
-@pytest.mark.parametrize("norm_method", ["ghost", "instantiate"])
+@pytest.mark.parametrize("norm_method", ["ghost", "instantiate", "measure"])
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in ("seq_linear", "conv1d", "conv2d", "conv3d", "tied_lm")], ids=lambda c: c.name)
 def test_ghost_and_instantiation_agree_with_loop(case, norm_method):
     run_case(case, "layer", "abadi", batch_size=5, norm_method=norm_method)

@@ -1,0 +1,92 @@
+"""``norm_method="measure"``: both methods timed once per layer shape, the faster one kept.
+
+The timer is replaced by a fixed table here (which method "runs faster" is the test's choice),
+so the tests check the mechanism: what is timed, on how many examples, how often, and where
+measuring is skipped. That the measured choice changes no result is in ``test_oracle.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from lightning_dp.rules import norm_method
+from lightning_dp.rules.conv import ConvSpec, ConvUse
+from lightning_dp.rules.protocol import examples_per_chunk
+
+linear = importlib.import_module("lightning_dp.rules.linear")
+
+
+@pytest.fixture
+def timer(monkeypatch):
+    """Times by table: ``timer.seconds[method]``; records (method, examples) per timing."""
+
+    class Timer:
+        seconds = {"ghost": 2.0, "instantiate": 1.0}
+        calls: list[tuple[str, int]] = []
+
+        def __call__(self, build, method, examples):
+            use = build(method, examples)
+            assert use.method == method and use.batch_size == examples
+            self.calls.append((method, examples))
+            return self.seconds[method]
+
+    fake = Timer()
+    fake.calls = []
+    monkeypatch.setattr(norm_method, "_FASTEST", {})
+    monkeypatch.setattr(norm_method, "_seconds", fake)
+    return fake
+
+
+def linear_use(batch, tokens, p, d, method="measure"):
+    params = {"weight": torch.zeros(p, d, requires_grad=True), "bias": torch.zeros(p, requires_grad=True)}
+    return linear.LinearUse(torch.randn(batch, tokens, d), torch.randn(batch, tokens, p), params,
+                            transposed=False, norm_method=method)
+
+
+def test_each_shape_is_timed_once_and_the_faster_method_kept(timer):
+    assert linear_use(8, 16, 12, 10).method == "instantiate"
+    assert sorted(m for m, _ in timer.calls) == ["ghost", "instantiate"]
+    assert linear_use(8, 16, 12, 10).method == "instantiate"
+    assert len(timer.calls) == 2  # remembered
+    timer.seconds = {"ghost": 1.0, "instantiate": 2.0}
+    assert linear_use(8, 32, 12, 10).method == "ghost"  # another shape: timed again
+    assert len(timer.calls) == 4
+
+
+def test_timing_uses_no_more_examples_than_a_clipping_chunk(timer):
+    batch, tokens, p, d = 64, 8, 256, 256
+    linear_use(batch, tokens, p, d)
+    chunk = examples_per_chunk(batch, p * d, tokens * (p + d))
+    assert chunk < batch
+    assert {examples for _, examples in timer.calls} == {chunk}
+
+
+def test_nothing_is_timed_where_one_method_is_the_only_sensible_one(timer, monkeypatch):
+    assert linear_use(8, 1, 12, 10).method == "ghost"  # one token: ghost is trivial
+    monkeypatch.setattr(norm_method, "INSTANTIATE_MAX_NUMEL", 100)
+    assert linear_use(8, 16, 12, 10).method == "ghost"  # instantiation would not fit
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(norm_method, "INSTANTIATE_MAX_NUMEL", 2**26)
+    expected = norm_method.choose_norm_method(8, 16, 12, 10, "auto")
+    assert linear_use(8, 16, 12, 10).method == expected  # compiled graphs: the cost model
+    assert timer.calls == []
+
+
+def test_convolutions_are_measured_per_shape_too(timer):
+    spec = ConvSpec(kernel_size=(3,), stride=(1,), padding=(1,), dilation=(1,), groups=1)
+    weight = torch.zeros(6, 4, 3, requires_grad=True)
+    use = ConvUse(torch.randn(5, 4, 20), torch.randn(5, 6, 20), {"weight": weight}, spec, weight, "measure")
+    assert use.method == "instantiate" and len(timer.calls) == 2
+    timer.seconds = {"ghost": 1.0, "instantiate": 2.0}
+    same = ConvUse(torch.randn(5, 4, 20), torch.randn(5, 6, 20), {"weight": weight}, spec, weight, "measure")
+    assert same.method == "instantiate" and len(timer.calls) == 2
+
+
+def test_the_real_timer_picks_one_of_the_two(monkeypatch):
+    monkeypatch.setattr(norm_method, "_FASTEST", {})
+    use = linear_use(4, 16, 8, 8)
+    assert use.method in ("ghost", "instantiate")
+    assert norm_method._FASTEST  # remembered for the next call
