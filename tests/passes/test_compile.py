@@ -55,10 +55,11 @@ def _setup(seed: int = 0):
     return model, ids
 
 
-@pytest.mark.parametrize(("clipping", "clip_fn"), [
-    ("layer", "abadi"), ("flat", "abadi"), ("unit", "abadi"), ("custom", "automatic"),
+@pytest.mark.parametrize(("clipping", "clip_fn", "norm_method"), [
+    ("layer", "abadi", "auto"), ("flat", "abadi", "auto"), ("unit", "abadi", "measure"),
+    ("custom", "automatic", "auto"),
 ])
-def test_compiled_gradients_equal_the_single_example_oracle(clipping, clip_fn):
+def test_compiled_gradients_equal_the_single_example_oracle(clipping, clip_fn, norm_method):
     model, ids = _setup()
     names = [n for n, _ in model.named_parameters()]
     groups = GROUPS[clipping](names)
@@ -68,7 +69,8 @@ def test_compiled_gradients_equal_the_single_example_oracle(clipping, clip_fn):
     assert all(max(norms[g]) > thresholds[g] for g in groups)  # clipping is really exercised
 
     spec = {"body": ["embed", "conv", "gn", "mix", "ln"], "head": ["head"]} if clipping == "custom" else clipping
-    private = ldp.make_private(copy.deepcopy(model), clipping=spec, clip_fn=clip_fn, max_grad_norm=thresholds)
+    private = ldp.make_private(copy.deepcopy(model), clipping=spec, clip_fn=clip_fn, max_grad_norm=thresholds,
+                               norm_method=norm_method)  # "measure": the cost model inside graphs
     before = counters["groups_joined"]
     compiled = ldp.compile(private, fullgraph=True)
     loss_fn(compiled, ids).backward()
