@@ -50,9 +50,10 @@ def choose_norm_method(
 
 def can_measure(method: str, batch: int, tokens: int, p: int, d: int) -> bool:
     """``"measure"`` times both methods when both are possible (instantiation fits in memory,
-    the sequence is longer than one token) and the code runs eagerly."""
-    return (method == "measure" and tokens > 1 and batch * p * d <= INSTANTIATE_MAX_NUMEL
-            and not torch.compiler.is_compiling())
+    the sequence is longer than one token), there is an example to time, and the code runs
+    eagerly."""
+    return (method == "measure" and batch > 0 and tokens > 1
+            and batch * p * d <= INSTANTIATE_MAX_NUMEL and not torch.compiler.is_compiling())
 
 
 #: (layer kind, device type, dtype, shapes) -> the method that ran faster for it
