@@ -2,6 +2,7 @@
 
     python bench/paired.py --model gpt --seqs 64 128 256 512 1024 --cases non-private ldp-layer ldp-flat
     python bench/paired.py --model vit --cases non-private ldp-layer
+    python bench/paired.py --model gpt --set d=192 layers=3 seq=96 batch=12 --threads 1
 
 On a shared machine a busy spell lasts seconds, so cases run in separate processes minutes apart
 (``suite.py``) can differ by 30% for nothing. Here every round times one step of each case back
@@ -52,10 +53,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=INT",
+                        help="override the preset shape, e.g. --set d=192 layers=3 seq=96 batch=12")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(environment("cpu", args.threads) + "\n")
-    shapes = [PRESETS["cpu"][args.model]]
+    shapes = [{**PRESETS["cpu"][args.model], **_overrides(args.set)}]
     if args.seqs and args.model in TOKEN_MODELS:
         shapes = [at_sequence_length(shapes[0], seq) for seq in args.seqs]
     head = " | ".join(f"{case} ms | / {args.cases[0]}" for case in args.cases)
@@ -65,6 +68,16 @@ def main() -> None:
         result = paired_ratios(args.model, shape, args.cases, args.rounds, args.warmup)
         cells = " | ".join(f"{result[c]['ms']:.1f} | {result[c]['ratio']:.2f}x" for c in args.cases)
         print(f"| {describe(args.model, shape)} | {shape['batch']} | {cells} |", flush=True)
+
+
+def _overrides(pairs: list[str]) -> dict[str, int]:
+    shape = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if not value.isdigit():
+            raise SystemExit(f"paired.py: --set {pair!r} is not KEY=INT (e.g. --set d=192 seq=96)")
+        shape[key] = int(value)
+    return shape
 
 
 if __name__ == "__main__":
