@@ -29,7 +29,12 @@ from lightning_dp.rules.base import (
     upcast,
     weighted_sum,
 )
-from lightning_dp.rules.norm_method import can_measure, choose_norm_method, fastest_method
+from lightning_dp.rules.norm_method import (
+    batch_bucket,
+    can_measure,
+    choose_norm_method,
+    fastest_method,
+)
 from lightning_dp.rules.registry import rules
 
 
@@ -73,7 +78,8 @@ class ConvUse(GradUse):
         self.patch_len = weight.shape[1] * math.prod(spec.kernel_size)  # d of one channel group
         d = self.patch_len
         if "weight" in params and can_measure(norm_method, batch * groups, positions, p, d):
-            key = ("conv", g.device.type, g.dtype, tuple(x.shape), tuple(g.shape), spec)
+            key = ("conv", g.device.type, g.dtype, batch_bucket(batch), tuple(x.shape[1:]),
+                   tuple(g.shape[1:]), spec)
             workspace = groups * (d * positions + p * d)  # patches and instantiated gradients
             self.method = fastest_method(key, batch, workspace, x.shape[1:].numel() + g.shape[1:].numel(),
                                          self._first_examples)

@@ -30,6 +30,7 @@ from lightning_dp.rules.base import (
 )
 from lightning_dp.rules.norm_method import (
     NormMethod,
+    batch_bucket,
     can_measure,
     choose_norm_method,
     fastest_method,
@@ -57,7 +58,7 @@ class LinearUse(GradUse):
         tokens, p = self.g.shape[1], self.g.shape[2]
         d = self.x.shape[2] if self.x is not None else 0
         if self.x is not None and can_measure(norm_method, batch, tokens, p, d):
-            key = ("linear", self.g.device.type, self.g.dtype, batch, tokens, p, d)
+            key = ("linear", self.g.device.type, self.g.dtype, batch_bucket(batch), tokens, p, d)
             self.method = fastest_method(key, batch, p * d, tokens * (p + d), self._first_examples)
         else:
             self.method = choose_norm_method(batch, tokens, p, d, norm_method, self.g.device.type)

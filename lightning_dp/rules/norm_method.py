@@ -60,6 +60,12 @@ def can_measure(method: str, batch: int, tokens: int, p: int, d: int) -> bool:
 _FASTEST: dict[Hashable, str] = {}
 
 
+def batch_bucket(batch: int) -> int:
+    """The batch size as it enters a measuring key: rounded up to a power of two, so that
+    Poisson-sampled batches (a new size nearly every step) are timed a few times, not per size."""
+    return 1 << max(batch - 1, 0).bit_length()
+
+
 def fastest_method(
     key: Hashable, batch: int, workspace: int, held: int, build: Callable[[str, int], GradUse]
 ) -> str:

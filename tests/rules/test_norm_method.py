@@ -24,8 +24,9 @@ def timer(monkeypatch):
     """Times by table: ``timer.seconds[method]``; records (method, examples) per timing."""
 
     class Timer:
-        seconds = {"ghost": 2.0, "instantiate": 1.0}
-        calls: list[tuple[str, int]] = []
+        def __init__(self) -> None:
+            self.seconds = {"ghost": 2.0, "instantiate": 1.0}
+            self.calls: list[tuple[str, int]] = []
 
         def __call__(self, build, method, examples):
             use = build(method, examples)
@@ -34,7 +35,6 @@ def timer(monkeypatch):
             return self.seconds[method]
 
     fake = Timer()
-    fake.calls = []
     monkeypatch.setattr(norm_method, "_FASTEST", {})
     monkeypatch.setattr(norm_method, "_seconds", fake)
     return fake
@@ -54,6 +54,9 @@ def test_each_shape_is_timed_once_and_the_faster_method_kept(timer):
     timer.seconds = {"ghost": 1.0, "instantiate": 2.0}
     assert linear_use(8, 32, 12, 10).method == "ghost"  # another shape: timed again
     assert len(timer.calls) == 4
+    assert linear_use(7, 32, 12, 10).method == "ghost"  # batches 5-8 share one timing (Poisson)
+    assert len(timer.calls) == 4
+    assert linear_use(9, 32, 12, 10).method == "ghost" and len(timer.calls) == 6
 
 
 def test_timing_uses_no_more_examples_than_a_clipping_chunk(timer):
