@@ -38,6 +38,18 @@ from lightning_dp.rules.norm_method import (
 from lightning_dp.rules.registry import rules
 
 
+def ghost_norm_sq(g: Tensor, x: Tensor) -> Tensor:
+    """``||g_i^T x_i||^2`` per example for ``g`` [B, T, p] and ``x`` [B, T, d], from one T x T
+    Gram matrix: ``<W W^T, N N^T>`` (W the wider factor, N the narrower) while T is at most N's
+    width, else ``<(W W^T) N, N>``, which holds T x width(N) numbers instead of a second T x T
+    Gram matrix for the same multiply-adds."""
+    narrow, wide = (g, x) if g.shape[2] <= x.shape[2] else (x, g)
+    gram = torch.bmm(wide, wide.transpose(1, 2))
+    if g.shape[1] <= narrow.shape[2]:
+        return row_dot_(gram, torch.bmm(narrow, narrow.transpose(1, 2)))
+    return row_dot_(torch.bmm(gram, narrow), narrow)
+
+
 class LinearUse(GradUse):
     """Factors ``x`` [B, T, d] and ``g`` [B, T, p] of one linear call."""
 
@@ -83,7 +95,7 @@ class LinearUse(GradUse):
         g, x = upcast(self.g), upcast(self.x)
         if g.shape[1] == 1:
             return row_norm_sq(g) * row_norm_sq(x)
-        return row_dot_(torch.bmm(g, g.transpose(1, 2)), torch.bmm(x, x.transpose(1, 2)))
+        return ghost_norm_sq(g, x)
 
     def per_example(self, name: str) -> Tensor:
         if name == "bias":
@@ -117,8 +129,10 @@ class LinearUse(GradUse):
         tokens, p, d = self.g.shape[1], self.g.shape[2], self.x.shape[2]
         if self.method == "instantiate":
             workspace = p * d
-        else:
-            workspace = (2 * tokens * tokens if tokens > 1 else 0) + tokens * min(p, d)
+        else:  # one Gram matrix, the second or its product with a factor, the scaled factor
+            narrow = min(p, d)
+            gram = tokens * (tokens + min(tokens, narrow)) if tokens > 1 else 0
+            workspace = gram + tokens * narrow
         return workspace, tokens * (p + d)
 
     def _first_examples(self, method: str, count: int) -> LinearUse:

@@ -94,3 +94,13 @@ def test_the_real_timer_picks_one_of_the_two(monkeypatch):
     use = linear_use(4, 16, 8, 8)
     assert use.method in ("ghost", "instantiate")
     assert norm_method._FASTEST  # remembered for the next call
+
+
+@pytest.mark.parametrize(("tokens", "p", "d"), [(3, 5, 7), (12, 4, 5), (12, 6, 3), (2, 9, 9)])
+def test_ghost_norms_equal_the_instantiated_gradients_norms(tokens, p, d):
+    """Both forms of the ghost norm (a second Gram matrix while T <= the narrower width, the
+    Gram matrix times the narrower factor beyond) against ||g_i^T x_i||^2 built by hand."""
+    torch.manual_seed(0)
+    g, x = torch.randn(4, tokens, p, dtype=torch.float64), torch.randn(4, tokens, d, dtype=torch.float64)
+    expected = torch.stack([(g[i].t() @ x[i]).pow(2).sum() for i in range(4)])
+    torch.testing.assert_close(linear.ghost_norm_sq(g, x), expected, rtol=1e-12, atol=0)
