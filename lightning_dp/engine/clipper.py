@@ -373,7 +373,7 @@ class Clipper:
     def _record(self, group_name: str, norms: Tensor) -> None:
         """Keep the stats (and adaptive counts) of the real rows of a group's norms."""
         group = self.groups[group_name]
-        real = norms.detach() if norms.requires_grad else norms
+        real = norms.detach()
         if self.real_rows is not None:
             real = real[: self.real_rows]
         self.stats[group_name] = GroupStats(norms=real, threshold=group.threshold)
@@ -449,8 +449,7 @@ def shared_use(use: GradUse, name: str) -> tuple[Tensor, list[Tensor]]:
 
 
 def _accumulate(param: Tensor, grad: Tensor) -> None:
-    if grad.dtype != param.dtype:
-        grad = grad.to(param.dtype)
+    grad = grad.to(param.dtype)
     if param.grad is None:
         param.grad = grad
     else:

@@ -72,8 +72,6 @@ class _NormAffineFn(torch.autograd.Function):
         xhat = None
         if trainable(ctx.weight):
             def xhat(start: int, stop: int) -> Tensor:
-                if start == 0 and stop == x.shape[0]:
-                    return spec.normalized(x, mean, rstd)
                 return spec.normalized(x[start:stop], mean[start:stop], rstd[start:stop])
         use = AffineUse(xhat, g, params, channel_dim)
         use.names.update(ctx.names or {})

@@ -123,15 +123,11 @@ def rows_kept_by(scale: Tensor, tensor: Tensor) -> Tensor:
 def scale_rows(scale: Tensor, tensor: Tensor) -> Tensor:
     """``scale[i] * tensor[i]``, with rows of scale 0 exactly zero even if they hold NaN/inf."""
     shape = (-1,) + (1,) * (tensor.dim() - 1)
-    return rows_kept_by(scale, tensor * _as_dtype(scale, tensor).view(shape))
+    return rows_kept_by(scale, tensor * scale.to(tensor.dtype).view(shape))
 
 
 def weighted_sum(scale: Tensor, tensor: Tensor) -> Tensor:
     """``sum_i scale[i] * tensor[i]`` as one matrix-vector product (no scaled copy of
     ``tensor``); rows of scale 0 add exactly zero even if they hold NaN/inf."""
     kept = rows_kept_by(scale, tensor)
-    return (_as_dtype(scale, tensor) @ kept.flatten(1)).view(tensor.shape[1:])
-
-
-def _as_dtype(scale: Tensor, like: Tensor) -> Tensor:
-    return scale if scale.dtype == like.dtype else scale.to(like.dtype)
+    return (scale.to(tensor.dtype) @ kept.flatten(1)).view(tensor.shape[1:])

@@ -82,7 +82,7 @@ class ConvUse(GradUse):
                    tuple(g.shape[1:]), spec)
             workspace = groups * (d * positions + p * d)  # patches and instantiated gradients
             self.method = fastest_method(key, batch, workspace, x.shape[1:].numel() + g.shape[1:].numel(),
-                                         self._first_examples)
+                                         lambda method, k: self.example_rows(0, k, method))
         else:
             self.method = choose_norm_method(batch * groups, positions, p, d, norm_method, g.device.type)
         self._instantiated: Tensor | None = None
@@ -142,13 +142,10 @@ class ConvUse(GradUse):
             workspace = patches + 2 * groups * positions * positions + groups * p * positions
         return workspace, self.x.shape[1:].numel() + self.g.shape[1:].numel()
 
-    def _first_examples(self, method: str, count: int) -> ConvUse:
-        return ConvUse(self.x[:count], self.g[:count], self.params, self.spec, self._weight, method)
-
-    def example_rows(self, start: int, stop: int) -> ConvUse:
+    def example_rows(self, start: int, stop: int, method: str | None = None) -> ConvUse:
         part = ConvUse(
             self.x[start:stop], self.g[start:stop], self.params, self.spec, self._weight,
-            self.method,
+            method or self.method,
         )
         part.names = self.names
         return part

@@ -71,7 +71,8 @@ class LinearUse(GradUse):
         d = self.x.shape[2] if self.x is not None else 0
         if self.x is not None and can_measure(norm_method, batch, tokens, p, d):
             key = ("linear", self.g.device.type, self.g.dtype, batch_bucket(batch), tokens, p, d)
-            self.method = fastest_method(key, batch, p * d, tokens * (p + d), self._first_examples)
+            self.method = fastest_method(key, batch, p * d, tokens * (p + d),
+                                         lambda method, k: self.example_rows(0, k, method))
         else:
             self.method = choose_norm_method(batch, tokens, p, d, norm_method, self.g.device.type)
         self._instantiated: Tensor | None = None
@@ -135,14 +136,10 @@ class LinearUse(GradUse):
             workspace = gram + tokens * narrow
         return workspace, tokens * (p + d)
 
-    def _first_examples(self, method: str, count: int) -> LinearUse:
-        return LinearUse(self.x[:count], self.g[:count], self.params,
-                         transposed=self.transposed, norm_method=method)
-
-    def example_rows(self, start: int, stop: int) -> LinearUse:
+    def example_rows(self, start: int, stop: int, method: str | None = None) -> LinearUse:
         part = LinearUse(
             self.x[start:stop], self.g[start:stop], self.params,
-            transposed=self.transposed, norm_method=self.method,
+            transposed=self.transposed, norm_method=method or self.method,
         )
         part.names = self.names
         return part

@@ -117,7 +117,7 @@ def examples_per_chunk(batch: int, temporary: int, held: int, spare: int = 0) ->
 def row_norm_sq(tensor: Tensor) -> Tensor:
     """``||tensor[i]||^2`` per row of dim 0, at least in float32: one fused reduction, with no
     squared or upcast copy of the (often per-example-gradient-sized) tensor."""
-    dims = 1 if tensor.dim() == 2 else tuple(range(1, tensor.dim()))
+    dims = tuple(range(1, tensor.dim()))
     return torch.linalg.vector_norm(tensor, dim=dims, dtype=upcast(tensor).dtype).square()
 
 
