@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from lightning_dp.engine.clip_fns import CLIP_FNS
 from lightning_dp.engine.deferred_ops import group_scale, shared_scale
 from lightning_dp.engine.shared_norms import norm_sq_of_sum
-from lightning_dp.rules.base import Rule
+from lightning_dp.rules.base import Rule, in_dtype
 from lightning_dp.rules.protocol import GradUse, examples_per_chunk, row_norm_sq, upcast
 
 
@@ -88,6 +88,10 @@ class Site:
     @property
     def options(self) -> EngineOptions:
         return self.clipper.options
+
+    @property
+    def spare_workspace(self) -> int:
+        return self.clipper._released
 
     def active(self) -> bool:
         return torch.is_grad_enabled() and self.clipper.enabled
@@ -373,7 +377,7 @@ class Clipper:
     def _record(self, group_name: str, norms: Tensor) -> None:
         """Keep the stats (and adaptive counts) of the real rows of a group's norms."""
         group = self.groups[group_name]
-        real = norms.detach()
+        real = norms.detach() if norms.requires_grad else norms  # each torch call counts here
         if self.real_rows is not None:
             real = real[: self.real_rows]
         self.stats[group_name] = GroupStats(norms=real, threshold=group.threshold)
@@ -449,7 +453,7 @@ def shared_use(use: GradUse, name: str) -> tuple[Tensor, list[Tensor]]:
 
 
 def _accumulate(param: Tensor, grad: Tensor) -> None:
-    grad = grad.to(param.dtype)
+    grad = in_dtype(grad, param.dtype)
     if param.grad is None:
         param.grad = grad
     else:

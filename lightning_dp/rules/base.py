@@ -28,7 +28,7 @@ from lightning_dp.rules.protocol import (
 )
 
 __all__ = [
-    "CallSite", "GradUse", "Rule", "TokenFactors", "as_tokens", "row_dot_", "row_norm_sq",
+    "CallSite", "GradUse", "Rule", "TokenFactors", "as_tokens", "in_dtype", "row_dot_", "row_norm_sq",
     "rows_kept_by", "scale_rows", "sum_product_per_example", "trainable", "upcast", "weighted_sum",
 ]
 
@@ -62,6 +62,8 @@ class Rule:
 
 def as_tokens(tensor: Tensor) -> Tensor:
     """[B, ..., d] -> [B, T, d] (T = 1 for [B, d]), without ``-1`` so that B = 0 works."""
+    if tensor.dim() == 3:
+        return tensor
     return tensor.unsqueeze(1) if tensor.dim() == 2 else tensor.flatten(1, -2)
 
 
@@ -120,14 +122,22 @@ def rows_kept_by(scale: Tensor, tensor: Tensor) -> Tensor:
     return tensor if _no_zero_scale(scale) else _zero_rows(scale != 0, tensor)
 
 
+def in_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor.to(dtype)`` without a dispatched call when it already is: this runs a few
+    times per clipping group, where each torch call costs 5-15 us (bench/RESULTS.md)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def scale_rows(scale: Tensor, tensor: Tensor) -> Tensor:
     """``scale[i] * tensor[i]``, with rows of scale 0 exactly zero even if they hold NaN/inf."""
     shape = (-1,) + (1,) * (tensor.dim() - 1)
-    return rows_kept_by(scale, tensor * scale.to(tensor.dtype).view(shape))
+    return rows_kept_by(scale, tensor * in_dtype(scale, tensor.dtype).view(shape))
 
 
 def weighted_sum(scale: Tensor, tensor: Tensor) -> Tensor:
     """``sum_i scale[i] * tensor[i]`` as one matrix-vector product (no scaled copy of
     ``tensor``); rows of scale 0 add exactly zero even if they hold NaN/inf."""
     kept = rows_kept_by(scale, tensor)
-    return (scale.to(tensor.dtype) @ kept.flatten(1)).view(tensor.shape[1:])
+    if kept.dim() == 2:
+        return in_dtype(scale, tensor.dtype) @ kept
+    return (in_dtype(scale, tensor.dtype) @ kept.flatten(1)).view(tensor.shape[1:])

@@ -35,6 +35,7 @@ from lightning_dp.rules.norm_method import (
     choose_norm_method,
     fastest_method,
 )
+from lightning_dp.rules.protocol import examples_per_chunk
 from lightning_dp.rules.registry import rules
 
 
@@ -61,6 +62,7 @@ class LinearUse(GradUse):
         *,
         transposed: bool,
         norm_method: NormMethod,
+        spare: int = 0,
     ) -> None:
         batch = g.shape[0]
         super().__init__(params, batch)
@@ -73,8 +75,11 @@ class LinearUse(GradUse):
             key = ("linear", self.g.device.type, self.g.dtype, batch_bucket(batch), tokens, p, d)
             self.method = fastest_method(key, batch, p * d, tokens * (p + d),
                                          lambda method, k: self.example_rows(0, k, method))
-        else:
-            self.method = choose_norm_method(batch, tokens, p, d, norm_method, self.g.device.type)
+        else:  # the clipper cuts instantiation into chunks where it does not fit beside the
+            # call's factors and the ``spare`` elements its backward has freed; compiled graphs never
+            chunked = (not torch.compiler.is_compiling()
+                       and examples_per_chunk(batch, p * d, tokens * (p + d), spare) < batch)
+            self.method = choose_norm_method(batch, tokens, p, d, norm_method, self.g.device.type, chunked)
         self._instantiated: Tensor | None = None
         self._bias_rows: Tensor | None = None
 
@@ -164,7 +169,8 @@ class _LinearFn(torch.autograd.Function):
             grad_x = g.matmul(w.t() if ctx.transposed else w)
         params = {n: p for n, p in (("weight", ctx.weight), ("bias", ctx.bias)) if trainable(p)}
         site = ctx.site
-        use = LinearUse(x, g, params, transposed=ctx.transposed, norm_method=site.options.norm_method)
+        use = LinearUse(x, g, params, transposed=ctx.transposed, norm_method=site.options.norm_method,
+                        spare=site.spare_workspace)
         use.names.update(ctx.names or {})
         grads = site.record(use) or {}
         return None, None, None, grad_x, grads.get("weight"), grads.get("bias")

@@ -27,15 +27,20 @@ INSTANTIATE_MAX_NUMEL = 2**26
 #: accelerators from an H100's ratio of bandwidth to matmul throughput (not yet measured).
 GHOST_WORK_PER_ELEMENT = {"cpu": 15}
 GHOST_WORK_PER_ELEMENT_ACCELERATOR = 300
+#: ...and on the CPU when the instantiated gradients do not fit in the clipping workspace, so
+#: that they are made in chunks, each streamed through memory with its own round of small ops
+#: (a GPT's LM head at T=64: bench/RESULTS.md, "the LM head in chunks").
+CHUNKED_GHOST_WORK_PER_ELEMENT = {"cpu": 45}
 
 
 def choose_norm_method(
-    batch: int, tokens: int, p: int, d: int, method: str, device: str = "cpu"
+    batch: int, tokens: int, p: int, d: int, method: str, device: str = "cpu", chunked: bool = False,
 ) -> str:
     """Ghost norm when its extra work, T^2 (p + d) per example, costs less than moving the
     instantiated p*d gradients (DESIGN §3's comparison, with instantiation's free weight
-    gradient counted); instantiation only while it fits in memory. ``"measure"`` is decided
-    by :func:`fastest_method`; where it cannot run (compiled graphs) it falls back to this."""
+    gradient counted), ``chunked`` when they would be cut into chunks to fit the workspace;
+    instantiation only while it fits in memory. ``"measure"`` is decided by
+    :func:`fastest_method`; where it cannot run (compiled graphs) it falls back to this."""
     if method not in ("auto", "measure"):
         return method
     if tokens == 1:
@@ -43,6 +48,8 @@ def choose_norm_method(
     if batch * p * d > INSTANTIATE_MAX_NUMEL:
         return "ghost"
     worth = GHOST_WORK_PER_ELEMENT.get(device, GHOST_WORK_PER_ELEMENT_ACCELERATOR)
+    if chunked:
+        worth = CHUNKED_GHOST_WORK_PER_ELEMENT.get(device, worth)
     if tokens * tokens * (p + d) < worth * p * d:
         return "ghost"
     return "instantiate"

@@ -86,6 +86,11 @@ class CallSite(Protocol):
     @property
     def options(self) -> EngineOptions: ...
 
+    @property
+    def spare_workspace(self) -> int:
+        """Elements the running backward has freed so far, which clipping temporaries may use."""
+        ...
+
     def enter(self, x: Tensor, dim: int = 0) -> Tensor:
         """Announce one primitive call whose input ``x`` carries the examples along ``dim``.
 

@@ -40,10 +40,10 @@ def timer(monkeypatch):
     return fake
 
 
-def linear_use(batch, tokens, p, d, method="measure"):
+def linear_use(batch, tokens, p, d, method="measure", spare=0):
     params = {"weight": torch.zeros(p, d, requires_grad=True), "bias": torch.zeros(p, requires_grad=True)}
     return linear.LinearUse(torch.randn(batch, tokens, d), torch.randn(batch, tokens, p), params,
-                            transposed=False, norm_method=method)
+                            transposed=False, norm_method=method, spare=spare)
 
 
 def test_each_shape_is_timed_once_and_the_faster_method_kept(timer):
@@ -104,3 +104,20 @@ def test_ghost_norms_equal_the_instantiated_gradients_norms(tokens, p, d):
     g, x = torch.randn(4, tokens, p, dtype=torch.float64), torch.randn(4, tokens, d, dtype=torch.float64)
     expected = torch.stack([(g[i].t() @ x[i]).pow(2).sum() for i in range(4)])
     torch.testing.assert_close(linear.ghost_norm_sq(g, x), expected, rtol=1e-12, atol=0)
+
+
+def test_instantiation_that_would_be_chunked_costs_more_on_the_cpu():
+    """A GPT's untied LM head at T=64 (the first layer of the backward: nothing freed yet) does
+    not fit the workspace, so instantiation would run in chunks: ghost there. The same layer
+    later in a backward, with room freed, and a layer that fits, keep instantiation."""
+    batch, tokens, p, d = 16, 64, 2000, 128
+    assert examples_per_chunk(batch, p * d, tokens * (p + d)) < batch  # the premise
+    assert norm_method.choose_norm_method(batch, tokens, p, d, "auto", "cpu") == "instantiate"
+    assert norm_method.choose_norm_method(batch, tokens, p, d, "auto", "cpu", chunked=True) == "ghost"
+    assert linear_use(batch, tokens, p, d, "auto").method == "ghost"
+    assert linear_use(batch, tokens, p, d, "auto", spare=batch * p * d).method == "instantiate"
+    assert linear_use(batch, tokens, 128, 128, "auto").method == "instantiate"  # fits
+    assert linear_use(batch, 256, p, d, "auto").method == "instantiate"  # T^2 (p + d) too large
+    # accelerators: their one (estimated) constant, chunks or not
+    assert (norm_method.choose_norm_method(batch, tokens, p, d, "auto", "cuda", chunked=True)
+            == norm_method.choose_norm_method(batch, tokens, p, d, "auto", "cuda"))
