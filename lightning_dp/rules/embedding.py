@@ -24,15 +24,31 @@ from lightning_dp.rules.base import (
     row_norm_sq,
     scale_rows,
     upcast,
+    weighted_sum,
 )
 from lightning_dp.rules.registry import rules
 
 
 def embedding_use(ids: Tensor, g: Tensor, weight: Tensor, padding_idx: int | None) -> GradUse:
-    """The rows-per-token form eagerly; the fixed-shape pairwise form inside compiled graphs."""
+    """The rows-per-token form eagerly (without summing when every example has the same ids,
+    each once); the fixed-shape pairwise form inside compiled graphs."""
     if torch.compiler.is_compiling():
         return PairwiseEmbeddingUse(ids, g, weight, padding_idx)
+    if _one_shared_row_of_distinct_ids(ids, padding_idx):
+        return SharedRowEmbeddingUse(ids, g, weight)
     return EmbeddingUse(ids, g, weight, padding_idx)
+
+
+def _one_shared_row_of_distinct_ids(ids: Tensor, padding_idx: int | None) -> bool:
+    """True for ids that are one row expanded to every example (HF position ids of shape
+    [1, T], expanded by ``CallSite.enter``) holding no id twice and no padding: each example's
+    gradient rows are then its own output-gradient rows, with nothing to sum per token."""
+    if ids.dim() != 2 or ids.shape[0] < 2 or ids.stride(0) != 0:
+        return False
+    row = ids[0]
+    if padding_idx is not None and bool((row == padding_idx).any()):
+        return False
+    return torch.unique(row).numel() == row.numel()
 
 
 def _tokens(ids: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -77,6 +93,32 @@ class EmbeddingUse(GradUse):
         rows = scale_rows(scale[self.example], self.g)
         grad = rows.new_zeros((self.num_embeddings, self.g.shape[1]))
         return grad.index_add_(0, self.ids, rows)
+
+
+class SharedRowEmbeddingUse(GradUse):
+    """Ids [B, T] that are one row of distinct ids for every example: example i's gradient is
+    ``g_i`` placed at rows ``row``, so its norm is ``||g_i||`` and the clipped sum is
+    ``sum_i c_i g_i`` placed once, with no sort, no per-token sums, and no B*T-row scatter."""
+
+    def __init__(self, ids: Tensor, g: Tensor, weight: Tensor) -> None:
+        super().__init__({"weight": weight}, ids.shape[0])
+        self.num_embeddings = weight.shape[0]
+        self.ids, self.row = ids, ids[0]
+        self.g = g.reshape(*ids.shape, g.shape[-1])  # [B, T, d]
+
+    def norm_sq(self, name: str) -> Tensor:
+        return row_norm_sq(self.g)
+
+    def token_factors(self, name: str) -> TokenFactors:
+        return TokenFactors(rows=self.ids, cols=upcast(self.g))
+
+    def per_example(self, name: str) -> Tensor:
+        grads = self.g.new_zeros((self.batch_size, self.num_embeddings, self.g.shape[2]))
+        return grads.index_copy_(1, self.row, self.g)
+
+    def clipped_grad(self, name: str, scale: Tensor) -> Tensor:
+        grad = self.g.new_zeros((self.num_embeddings, self.g.shape[2]))
+        return grad.index_copy_(0, self.row, weighted_sum(scale, self.g))
 
 
 class PairwiseEmbeddingUse(GradUse):
