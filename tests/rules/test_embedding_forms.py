@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_dp.rules.embedding import EmbeddingUse, PairwiseEmbeddingUse, SharedRowEmbeddingUse, embedding_use
+from lightning_dp.rules.embedding import (
+    EmbeddingUse,
+    PairwiseEmbeddingUse,
+    SharedRowEmbeddingUse,
+    embedding_use,
+)
 
 
 @pytest.mark.parametrize("padding_idx", [None, 0])
