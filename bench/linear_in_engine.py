@@ -3,6 +3,7 @@ instantiation, with the cache cold: what the norm-method rule should pick inside
 
     python bench/linear_in_engine.py                 # the GPT preset's LM head, 2000 x 128
     python bench/linear_in_engine.py --p 512         # its MLP's first layer
+    python bench/linear_in_engine.py --device cuda   # (not yet run on a GPU)
 
 ``bench/norm_methods.py`` times the clipping alone in a tight loop, where the instantiated
 gradients of one call are still in cache for the next. In a training step the layers in between
@@ -26,7 +27,10 @@ import lightning_dp
 from lightning_dp.rules.norm_method import choose_norm_method
 from lightning_dp.rules.protocol import examples_per_chunk
 
-EVICT_ELEMENTS = 16 * 2**20  # 64 MiB of float32, twice the largest L3 of the bench machines
+#: float32 elements streamed before each timed step: 64 MiB (twice the bench CPU's L3), and four
+#: times that on a GPU (an H200's L2 is 60 MiB)
+EVICT_ELEMENTS = {"cpu": 16 * 2**20}
+EVICT_ELEMENTS_ACCELERATOR = 64 * 2**20
 
 
 def main() -> None:
@@ -37,39 +41,44 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per batch")
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="e.g. cuda (unmeasured so far)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    print(environment("cpu", args.threads) + "\n")
+    print(environment(device.type, args.threads) + "\n")
     print("| batch | T | p x d | T^2 (1/p + 1/d) | chunked | non-private ms | ghost | instantiate | rule picks |")
     print("|---|---|---|---|---|---|---|---|---|")
-    evict = torch.empty(EVICT_ELEMENTS)
+    evict = torch.empty(EVICT_ELEMENTS.get(device.type, EVICT_ELEMENTS_ACCELERATOR), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     p, d = args.p, args.d
     for seq in args.seqs:
         batch = max(1, args.tokens // seq)
-        x = torch.randn(batch, seq, d, requires_grad=True)
-        g = torch.randn(batch, seq, p)
-        layers = {"non-private": _layer(p, d, None), "ghost": _layer(p, d, "ghost"),
-                  "instantiate": _layer(p, d, "instantiate")}
+        x = torch.randn(batch, seq, d, device=device, requires_grad=True)
+        g = torch.randn(batch, seq, p, device=device)
+        layers = {"non-private": _layer(p, d, None, device), "ghost": _layer(p, d, "ghost", device),
+                  "instantiate": _layer(p, d, "instantiate", device)}
         times: dict[str, list[float]] = {name: [] for name in layers}
         for round_ in range(args.rounds + 3):
             for name, layer in layers.items():  # alternating: a busy spell slows all three
                 evict.fill_(1.0)
                 layer.zero_grad(set_to_none=True)
+                sync()
                 start = time.perf_counter()
                 layer(x).backward(g)
+                sync()
                 if round_ >= 3:
                     times[name].append(time.perf_counter() - start)
         ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
         chunked = examples_per_chunk(batch, p * d, seq * (p + d)) < batch
-        picked = choose_norm_method(batch, seq, p, d, "auto", "cpu", chunked)
+        picked = choose_norm_method(batch, seq, p, d, "auto", device.type, chunked)
         extra = {m: f"+{ms[m] - ms['non-private']:.2f} ms" for m in ("ghost", "instantiate")}
         print(f"| {batch} | {seq} | {p}x{d} | {seq * seq * (1 / p + 1 / d):.0f} | {chunked} | "
               f"{ms['non-private']:.2f} | {extra['ghost']} | {extra['instantiate']} | {picked} |")
 
 
-def _layer(p: int, d: int, method: str | None) -> torch.nn.Module:
+def _layer(p: int, d: int, method: str | None, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
-    layer = torch.nn.Linear(d, p, bias=False)
+    layer = torch.nn.Linear(d, p, bias=False, device=device)
     if method is not None:
         lightning_dp.make_private(layer, clipping="layer", max_grad_norm=1.0, norm_method=method)
     return layer
