@@ -103,8 +103,8 @@ class SharedRowEmbeddingUse(GradUse):
     def __init__(self, ids: Tensor, g: Tensor, weight: Tensor) -> None:
         super().__init__({"weight": weight}, ids.shape[0])
         self.num_embeddings = weight.shape[0]
-        self.ids, self.row = ids, ids[0]
-        self.g = g.reshape(*ids.shape, g.shape[-1])  # [B, T, d]
+        self.ids, self.g = _tokens(ids, g)  # [B, T], [B, T, d]
+        self.row = self.ids[0]
 
     def norm_sq(self, name: str) -> Tensor:
         return row_norm_sq(self.g)

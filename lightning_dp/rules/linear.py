@@ -35,7 +35,6 @@ from lightning_dp.rules.norm_method import (
     choose_norm_method,
     fastest_method,
 )
-from lightning_dp.rules.protocol import examples_per_chunk
 from lightning_dp.rules.registry import rules
 
 
@@ -75,11 +74,9 @@ class LinearUse(GradUse):
             key = ("linear", self.g.device.type, self.g.dtype, batch_bucket(batch), tokens, p, d)
             self.method = fastest_method(key, batch, p * d, tokens * (p + d),
                                          lambda method, k: self.example_rows(0, k, method))
-        else:  # the clipper cuts instantiation into chunks where it does not fit beside the
-            # call's factors and the ``spare`` elements its backward has freed; compiled graphs never
-            chunked = (not torch.compiler.is_compiling()
-                       and examples_per_chunk(batch, p * d, tokens * (p + d), spare) < batch)
-            self.method = choose_norm_method(batch, tokens, p, d, norm_method, self.g.device.type, chunked)
+        else:  # compiled graphs clip whole batches, never in chunks
+            self.method = choose_norm_method(batch, tokens, p, d, norm_method, self.g.device.type,
+                                             None if torch.compiler.is_compiling() else spare)
         self._instantiated: Tensor | None = None
         self._bias_rows: Tensor | None = None
 

@@ -34,13 +34,15 @@ CHUNKED_GHOST_WORK_PER_ELEMENT = {"cpu": 45}
 
 
 def choose_norm_method(
-    batch: int, tokens: int, p: int, d: int, method: str, device: str = "cpu", chunked: bool = False,
+    batch: int, tokens: int, p: int, d: int, method: str, device: str = "cpu", spare: int | None = None,
 ) -> str:
     """Ghost norm when its extra work, T^2 (p + d) per example, costs less than moving the
     instantiated p*d gradients (DESIGN §3's comparison, with instantiation's free weight
-    gradient counted), ``chunked`` when they would be cut into chunks to fit the workspace;
-    instantiation only while it fits in memory. ``"measure"`` is decided by
-    :func:`fastest_method`; where it cannot run (compiled graphs) it falls back to this."""
+    gradient counted); instantiation only while it fits in memory. ``spare``: the elements the
+    running backward has freed, where the clipper may cut instantiation into chunks (None: it
+    never does), which costs each instantiated element more when they do not fit beside the
+    call's factors and those. ``"measure"`` is decided by :func:`fastest_method`; where it
+    cannot run (compiled graphs) it falls back to this."""
     if method not in ("auto", "measure"):
         return method
     if tokens == 1:
@@ -48,7 +50,7 @@ def choose_norm_method(
     if batch * p * d > INSTANTIATE_MAX_NUMEL:
         return "ghost"
     worth = GHOST_WORK_PER_ELEMENT.get(device, GHOST_WORK_PER_ELEMENT_ACCELERATOR)
-    if chunked:
+    if spare is not None and examples_per_chunk(batch, p * d, tokens * (p + d), spare) < batch:
         worth = CHUNKED_GHOST_WORK_PER_ELEMENT.get(device, worth)
     if tokens * tokens * (p + d) < worth * p * d:
         return "ghost"

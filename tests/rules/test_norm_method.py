@@ -113,11 +113,11 @@ def test_instantiation_that_would_be_chunked_costs_more_on_the_cpu():
     batch, tokens, p, d = 16, 64, 2000, 128
     assert examples_per_chunk(batch, p * d, tokens * (p + d)) < batch  # the premise
     assert norm_method.choose_norm_method(batch, tokens, p, d, "auto", "cpu") == "instantiate"
-    assert norm_method.choose_norm_method(batch, tokens, p, d, "auto", "cpu", chunked=True) == "ghost"
+    assert norm_method.choose_norm_method(batch, tokens, p, d, "auto", "cpu", spare=0) == "ghost"
     assert linear_use(batch, tokens, p, d, "auto").method == "ghost"
     assert linear_use(batch, tokens, p, d, "auto", spare=batch * p * d).method == "instantiate"
     assert linear_use(batch, tokens, 128, 128, "auto").method == "instantiate"  # fits
     assert linear_use(batch, 256, p, d, "auto").method == "instantiate"  # T^2 (p + d) too large
     # accelerators: their one (estimated) constant, chunks or not
-    assert (norm_method.choose_norm_method(batch, tokens, p, d, "auto", "cuda", chunked=True)
+    assert (norm_method.choose_norm_method(batch, tokens, p, d, "auto", "cuda", spare=0)
             == norm_method.choose_norm_method(batch, tokens, p, d, "auto", "cuda"))
