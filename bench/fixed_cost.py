@@ -30,8 +30,10 @@ def stack(kind: str, modules: int) -> tuple[nn.Module, torch.Tensor]:
     """``modules`` layers of one kind, and an input batch for them."""
     if kind == "linear T=1":
         return nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(modules)]), torch.randn(BATCH, WIDTH)
-    if kind == "linear T=8":
+    if kind == "linear T=8":  # ghost norms
         return nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(modules)]), torch.randn(BATCH, 8, WIDTH)
+    if kind == "linear T=64":  # instantiated per-example gradients
+        return nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(modules)]), torch.randn(BATCH, 64, WIDTH)
     if kind == "layer norm T=8":
         return nn.Sequential(*[nn.LayerNorm(WIDTH) for _ in range(modules)]), torch.randn(BATCH, 8, WIDTH)
     raise ValueError(f"fixed_cost.py: unknown kind {kind!r}")
@@ -89,7 +91,7 @@ def main() -> None:
     print(f"{args.modules} modules of width {WIDTH}, batch {BATCH}; median of {args.rounds} alternating "
           "rounds. Per module per step (forward, backward, clipping):\n")
     print("| stack | non-private us | ops | per-layer us | ops | flat us | ops |\n|---|---|---|---|---|---|---|")
-    for kind in ("linear T=1", "linear T=8", "layer norm T=8"):
+    for kind in ("linear T=1", "linear T=8", "linear T=64", "layer norm T=8"):
         r = measure(kind, args.modules, args.rounds)
         cells = " | ".join(f"{r[c][0]:.0f} | {r[c][1]:.1f}" for c in ("non-private", "layer", "flat"))
         print(f"| {kind} | {cells} |", flush=True)
