@@ -15,6 +15,7 @@ from torch import Tensor
 from lightning_dp.rules.base import (
     CallSite,
     GradUse,
+    rows,
     sum_product_per_example,
     trainable,
     weighted_sum,
@@ -77,8 +78,8 @@ class _AffineFn(torch.autograd.Function):
         weight = ctx.weight
         grad_xhat = g if weight is None else g * _broadcast(weight, g, ctx.channel_dim)
         params = {n: p for n, p in (("weight", weight), ("bias", ctx.bias)) if trainable(p)}
-        rows = None if xhat is None else (lambda start, stop: xhat[start:stop])
-        use = AffineUse(rows, g, params, ctx.channel_dim)
+        rows_of_xhat = None if xhat is None else (lambda start, stop: rows(xhat, start, stop))
+        use = AffineUse(rows_of_xhat, g, params, ctx.channel_dim)
         use.names.update(ctx.names or {})
         grads = ctx.site.record(use) or {}
         return None, None, None, grad_xhat, grads.get("weight"), grads.get("bias")

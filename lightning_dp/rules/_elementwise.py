@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_dp.rules.base import CallSite, GradUse, sum_product_per_example, weighted_sum
+from lightning_dp.rules.base import CallSite, GradUse, rows, sum_product_per_example, weighted_sum
 
 
 class ElementwiseUse(GradUse):
@@ -40,7 +40,7 @@ class ElementwiseUse(GradUse):
             t = self._reduce(self.g)
         else:
             x = self.x
-            t = sum_product_per_example(self.g, lambda start, stop: x[start:stop], self._reduce)
+            t = sum_product_per_example(self.g, lambda start, stop: rows(x, start, stop), self._reduce)
         param = self.params["param"]
         # a float32 op on a float64 parameter (Gemma's norm in double): sum examples in float64
         t = t.reshape(t.shape[0], *param.shape).to(torch.promote_types(t.dtype, param.dtype))

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lightning_dp.rules._affine import AffineUse, affine
 from lightning_dp.rules._autocast import no_autocast
-from lightning_dp.rules.base import CallSite, trainable
+from lightning_dp.rules.base import CallSite, rows, trainable
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class _NormAffineFn(torch.autograd.Function):
         xhat = None
         if trainable(ctx.weight):
             def xhat(start: int, stop: int) -> Tensor:
-                return spec.normalized(x[start:stop], mean[start:stop], rstd[start:stop])
+                return spec.normalized(rows(x, start, stop), rows(mean, start, stop), rows(rstd, start, stop))
         use = AffineUse(xhat, g, params, channel_dim)
         use.names.update(ctx.names or {})
         grads = ctx.site.record(use) or {}

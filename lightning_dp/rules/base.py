@@ -29,7 +29,7 @@ from lightning_dp.rules.protocol import (
 
 __all__ = [
     "CallSite", "GradUse", "Rule", "TokenFactors", "as_tokens", "in_dtype", "row_dot_", "row_norm_sq",
-    "rows_kept_by", "scale_rows", "sum_product_per_example", "trainable", "upcast", "weighted_sum",
+    "rows", "rows_kept_by", "scale_rows", "sum_product_per_example", "trainable", "upcast", "weighted_sum",
 ]
 
 
@@ -65,6 +65,12 @@ def as_tokens(tensor: Tensor) -> Tensor:
     if tensor.dim() == 3:
         return tensor
     return tensor.unsqueeze(1) if tensor.dim() == 2 else tensor.flatten(1, -2)
+
+
+def rows(tensor: Tensor, start: int, stop: int) -> Tensor:
+    """``tensor[start:stop]``, or ``tensor`` itself when that is all of it: a slice is one more
+    dispatched call per clipped module, and the whole batch is the common case."""
+    return tensor if start == 0 and stop == tensor.shape[0] else tensor[start:stop]
 
 
 def sum_product_per_example(

@@ -79,11 +79,19 @@ class LinearUse(GradUse):
                                              None if torch.compiler.is_compiling() else spare)
         self._instantiated: Tensor | None = None
         self._bias_rows: Tensor | None = None
+        self._g_norm_sq: Tensor | None = None
 
     def _bias_per_example(self) -> Tensor:
-        if self._bias_rows is None:
-            self._bias_rows = self.g.sum(1)  # [B, p], used by both the norm and the clipped sum
+        if self._bias_rows is None:  # [B, p], used by both the norm and the clipped sum
+            self._bias_rows = self.g[:, 0] if self.g.shape[1] == 1 else self.g.sum(1)
         return self._bias_rows
+
+    def _one_token_g_norm_sq(self) -> Tensor:
+        """``||g_i||^2`` of a one-token call: the bias's squared norm and a factor of the
+        weight's, computed once for both."""
+        if self._g_norm_sq is None:
+            self._g_norm_sq = row_norm_sq(self._bias_per_example())
+        return self._g_norm_sq
 
     def _weight_per_example(self) -> Tensor:
         if self._instantiated is None:
@@ -91,14 +99,14 @@ class LinearUse(GradUse):
         return self._instantiated
 
     def norm_sq(self, name: str) -> Tensor:
+        one_token = self.g.shape[1] == 1
         if name == "bias":
-            return row_norm_sq(self._bias_per_example())
+            return self._one_token_g_norm_sq() if one_token else row_norm_sq(self._bias_per_example())
         if self.method == "instantiate":
             return row_norm_sq(self._weight_per_example())
-        g, x = upcast(self.g), upcast(self.x)
-        if g.shape[1] == 1:
-            return row_norm_sq(g) * row_norm_sq(x)
-        return ghost_norm_sq(g, x)
+        if one_token:
+            return self._one_token_g_norm_sq() * row_norm_sq(self.x)
+        return ghost_norm_sq(upcast(self.g), upcast(self.x))
 
     def per_example(self, name: str) -> Tensor:
         if name == "bias":

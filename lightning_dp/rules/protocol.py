@@ -123,7 +123,9 @@ def row_norm_sq(tensor: Tensor) -> Tensor:
     """``||tensor[i]||^2`` per row of dim 0, at least in float32: one fused reduction, with no
     squared or upcast copy of the (often per-example-gradient-sized) tensor."""
     dims = tuple(range(1, tensor.dim()))
-    return torch.linalg.vector_norm(tensor, dim=dims, dtype=upcast(tensor).dtype).square()
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        return torch.linalg.vector_norm(tensor, dim=dims, dtype=torch.float32).square()
+    return torch.linalg.vector_norm(tensor, dim=dims).square()  # no dtype= to parse: called per group
 
 
 def row_dot_(a: Tensor, b: Tensor) -> Tensor:
