@@ -59,6 +59,14 @@ def environment(device: str, threads: int) -> str:
     return ", ".join(parts)
 
 
+def synchronizer(device: Any) -> Callable[[], None]:
+    """A call that waits for ``device``'s queued work (nothing to wait for on the CPU), so that
+    timings cover the kernels and not only their launch."""
+    import torch
+
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def time_steps(step: Callable[[], None], device: Any, warmup: int, steps: int,
                after_first: Callable[[], None] = lambda: None) -> dict:
     """Median wall ms and process CPU ms of ``steps`` calls after ``warmup``, CPU stall %, base
@@ -67,9 +75,7 @@ def time_steps(step: Callable[[], None], device: Any, warmup: int, steps: int,
     CPU ms (all threads of this process) barely moves when other processes compete for the
     cores, so on a shared machine it compares cases more fairly than wall time does.
     """
-    import torch
-
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     reset_peak(device)
     base = memory_mib(device, peak=False)
     times, cpu_times = [], []

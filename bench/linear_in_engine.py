@@ -21,7 +21,7 @@ import statistics
 import time
 
 import torch
-from harness import environment
+from harness import environment, synchronizer
 
 import lightning_dp
 from lightning_dp.rules.norm_method import choose_norm_method
@@ -49,7 +49,7 @@ def main() -> None:
     print("| batch | T | p x d | T^2 (1/p + 1/d) | chunked | non-private ms | ghost | instantiate | rule picks |")
     print("|---|---|---|---|---|---|---|---|---|")
     evict = torch.empty(EVICT_ELEMENTS.get(device.type, EVICT_ELEMENTS_ACCELERATOR), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     p, d = args.p, args.d
     for seq in args.seqs:
         batch = max(1, args.tokens // seq)

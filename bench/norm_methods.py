@@ -19,7 +19,7 @@ import itertools
 import time
 
 import torch
-from harness import environment
+from harness import environment, synchronizer
 
 from lightning_dp.rules.norm_method import choose_norm_method
 
@@ -43,7 +43,7 @@ def non_private(x: torch.Tensor, g: torch.Tensor) -> None:
 
 def best_ms(step, repeats: int, device: torch.device) -> float:
     """Best of three timings of ``repeats`` calls, after two warm-up calls."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     step(), step()
     best = float("inf")
     for _ in range(3):
