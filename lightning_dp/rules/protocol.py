@@ -119,11 +119,15 @@ def examples_per_chunk(batch: int, temporary: int, held: int, spare: int = 0) ->
     return max(1, min(batch, int(budget // max(temporary, 1))))
 
 
+#: Dtypes whose norms and sums accumulate in float32.
+_HALF_PRECISION = (torch.float16, torch.bfloat16)
+
+
 def row_norm_sq(tensor: Tensor) -> Tensor:
     """``||tensor[i]||^2`` per row of dim 0, at least in float32: one fused reduction, with no
     squared or upcast copy of the (often per-example-gradient-sized) tensor."""
     dims = tuple(range(1, tensor.dim()))
-    if tensor.dtype in (torch.float16, torch.bfloat16):
+    if tensor.dtype in _HALF_PRECISION:
         return torch.linalg.vector_norm(tensor, dim=dims, dtype=torch.float32).square()
     return torch.linalg.vector_norm(tensor, dim=dims).square()  # no dtype= to parse: called per group
 
@@ -137,4 +141,4 @@ def row_dot_(a: Tensor, b: Tensor) -> Tensor:
 
 def upcast(tensor: Tensor) -> Tensor:
     """At least float32, for norm accumulation under bf16/fp16 (float64 stays float64)."""
-    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+    return tensor.float() if tensor.dtype in _HALF_PRECISION else tensor
