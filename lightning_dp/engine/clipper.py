@@ -315,11 +315,11 @@ class Clipper:
         if chunk is not None:
             self._clip_in_chunks(group_name, contributions, chunk)
             return
-        norm_sq = None
+        norms = []
         for calls in contributions.values():
             if len(calls) == 1:
                 use, local = calls[0]
-                term = use.norm_sq(local)
+                norms.append(use.norm(local))
             else:
                 norm_sqs, factors, counts = [], [], []
                 for use, local in calls:
@@ -327,9 +327,8 @@ class Clipper:
                     norm_sqs.append(own)
                     factors.extend(tensors)
                     counts.append(len(tensors))
-                term = norm_sq_of_sum(norm_sqs, factors, counts)
-            norm_sq = term if norm_sq is None else norm_sq + term
-        scale = self.scale_from_norm_sq(group_name, norm_sq)
+                norms.append(norm_sq_of_sum(norm_sqs, factors, counts).sqrt())
+        scale = self.scale_from_norms(group_name, group_norm(norms))
         for calls in contributions.values():
             for use, local in calls:
                 _accumulate(use.params[local], use.clipped_grad(local, scale))
@@ -348,8 +347,7 @@ class Clipper:
             for use, local in calls:
                 if use not in parts:
                     parts[use] = use.example_rows(start, stop)
-            norm_sq = sum(parts[use].norm_sq(local) for use, local in calls)
-            norm = norm_sq.sqrt()
+            norm = group_norm([parts[use].norm(local) for use, local in calls])
             scale = self._clip_factors(group_name, norm, start)
             for use, local in calls:
                 _accumulate(use.params[local], parts[use].clipped_grad(local, scale))
@@ -357,11 +355,14 @@ class Clipper:
         self._record(group_name, torch.cat(norms))
 
     def scale_from_norm_sq(self, group_name: str, norm_sq: Tensor) -> Tensor:
-        """Per-example clip factors of a group from its squared norms; records its stats.
+        """Per-example clip factors of a group from its squared norms; records its stats."""
+        return self.scale_from_norms(group_name, norm_sq.sqrt())
+
+    def scale_from_norms(self, group_name: str, norms: Tensor) -> Tensor:
+        """Per-example clip factors of a group from its norms; records its stats.
 
         A non-finite norm, or a padding row, gets factor 0: that row adds exactly nothing.
         """
-        norms = norm_sq.sqrt()
         scale = self._clip_factors(group_name, norms, 0)
         self._record(group_name, norms)
         return scale
@@ -440,6 +441,16 @@ def _chunk_size(sizes: dict[GradUse, tuple[int, int]], released: int) -> int | N
     held = sum(h for _, h in sizes.values())
     chunk = examples_per_chunk(batch, temporary, held, spare=released)
     return chunk if chunk < batch else None
+
+
+def group_norm(norms: list[Tensor]) -> Tensor:
+    """Per-example norm of a group's gradient from its parameters' per-example norms, in one
+    op for two parameters (a weight and its bias) or any number."""
+    if len(norms) == 1:
+        return norms[0]
+    if len(norms) == 2:
+        return torch.hypot(*norms)
+    return torch.linalg.vector_norm(torch.stack(norms), dim=0)
 
 
 def shared_use(use: GradUse, name: str) -> tuple[Tensor, list[Tensor]]:

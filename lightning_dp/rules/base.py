@@ -23,12 +23,13 @@ from lightning_dp.rules.protocol import (
     TokenFactors,
     examples_per_chunk,
     row_dot_,
+    row_norm,
     row_norm_sq,
     upcast,
 )
 
 __all__ = [
-    "CallSite", "GradUse", "Rule", "TokenFactors", "as_tokens", "in_dtype", "row_dot_", "row_norm_sq",
+    "CallSite", "GradUse", "Rule", "TokenFactors", "as_tokens", "in_dtype", "row_dot_", "row_norm", "row_norm_sq",
     "rows", "rows_kept_by", "scale_rows", "sum_product_per_example", "trainable", "upcast", "weighted_sum",
 ]
 
@@ -144,6 +145,7 @@ def weighted_sum(scale: Tensor, tensor: Tensor) -> Tensor:
     """``sum_i scale[i] * tensor[i]`` as one matrix-vector product (no scaled copy of
     ``tensor``); rows of scale 0 add exactly zero even if they hold NaN/inf."""
     kept = rows_kept_by(scale, tensor)
-    if kept.dim() == 2:
-        return in_dtype(scale, tensor.dtype) @ kept
-    return (in_dtype(scale, tensor.dtype) @ kept.flatten(1)).view(tensor.shape[1:])
+    if kept.dim() != 2:
+        kept = kept.reshape(kept.shape[0], tensor.shape[1:].numel())
+    summed = torch.mv(kept.t(), in_dtype(scale, tensor.dtype))  # two ops fewer than ``scale @``
+    return summed if tensor.dim() == 2 else summed.view(tensor.shape[1:])

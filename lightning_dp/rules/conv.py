@@ -22,7 +22,7 @@ from lightning_dp.rules.base import (
     GradUse,
     Rule,
     row_dot_,
-    row_norm_sq,
+    row_norm,
     rows_kept_by,
     scale_rows,
     trainable,
@@ -104,11 +104,16 @@ class ConvUse(GradUse):
             self._instantiated = grads.reshape(self.batch_size, *self.weight_shape)
         return self._instantiated
 
-    def norm_sq(self, name: str) -> Tensor:
+    def norm(self, name: str) -> Tensor:
         if name == "bias":
-            return row_norm_sq(self._bias_per_example())
+            return row_norm(self._bias_per_example())
         if self.method == "instantiate":
-            return row_norm_sq(self._weight_per_example())
+            return row_norm(self._weight_per_example())
+        return self.norm_sq(name).sqrt()
+
+    def norm_sq(self, name: str) -> Tensor:
+        if name == "bias" or self.method == "instantiate":
+            return self.norm(name).square()
         g, u = upcast(self.g_grouped), upcast(self._patches())
         gram_g = torch.einsum("bgpl,bgpm->bglm", g, g)
         gram_u = torch.einsum("bgdl,bgdm->bglm", u, u)

@@ -21,6 +21,7 @@ from lightning_dp.rules.base import (
     Rule,
     TokenFactors,
     row_dot_,
+    row_norm,
     row_norm_sq,
     scale_rows,
     upcast,
@@ -107,7 +108,10 @@ class SharedRowEmbeddingUse(GradUse):
         self.row = self.ids[0]
 
     def norm_sq(self, name: str) -> Tensor:
-        return row_norm_sq(self.g)
+        return self.norm(name).square()
+
+    def norm(self, name: str) -> Tensor:
+        return row_norm(self.g)
 
     def token_factors(self, name: str) -> TokenFactors:
         return TokenFactors(rows=self.ids, cols=upcast(self.g))

@@ -21,7 +21,7 @@ from lightning_dp.rules.base import (
     TokenFactors,
     as_tokens,
     row_dot_,
-    row_norm_sq,
+    row_norm,
     rows_kept_by,
     scale_rows,
     trainable,
@@ -79,34 +79,42 @@ class LinearUse(GradUse):
                                              None if torch.compiler.is_compiling() else spare)
         self._instantiated: Tensor | None = None
         self._bias_rows: Tensor | None = None
-        self._g_norm_sq: Tensor | None = None
+        self._g_norm: Tensor | None = None
 
     def _bias_per_example(self) -> Tensor:
         if self._bias_rows is None:  # [B, p], used by both the norm and the clipped sum
             self._bias_rows = self.g[:, 0] if self.g.shape[1] == 1 else self.g.sum(1)
         return self._bias_rows
 
-    def _one_token_g_norm_sq(self) -> Tensor:
-        """``||g_i||^2`` of a one-token call: the bias's squared norm and a factor of the
-        weight's, computed once for both."""
-        if self._g_norm_sq is None:
-            self._g_norm_sq = row_norm_sq(self._bias_per_example())
-        return self._g_norm_sq
+    def _one_token_g_norm(self) -> Tensor:
+        """``||g_i||`` of a one-token call: the bias's norm and a factor of the weight's,
+        computed once for both."""
+        if self._g_norm is None:
+            self._g_norm = row_norm(self._bias_per_example())
+        return self._g_norm
 
     def _weight_per_example(self) -> Tensor:
         if self._instantiated is None:
             self._instantiated = torch.bmm(self.g.transpose(1, 2), self.x)  # [B, p, d]
         return self._instantiated
 
-    def norm_sq(self, name: str) -> Tensor:
+    def _ghost(self, name: str) -> bool:
+        return name != "bias" and self.method != "instantiate" and self.g.shape[1] > 1
+
+    def norm(self, name: str) -> Tensor:
+        if self._ghost(name):
+            return self.norm_sq(name).sqrt()
         one_token = self.g.shape[1] == 1
         if name == "bias":
-            return self._one_token_g_norm_sq() if one_token else row_norm_sq(self._bias_per_example())
+            return self._one_token_g_norm() if one_token else row_norm(self._bias_per_example())
         if self.method == "instantiate":
-            return row_norm_sq(self._weight_per_example())
-        if one_token:
-            return self._one_token_g_norm_sq() * row_norm_sq(self.x)
-        return ghost_norm_sq(upcast(self.g), upcast(self.x))
+            return row_norm(self._weight_per_example())
+        return self._one_token_g_norm() * row_norm(self.x)
+
+    def norm_sq(self, name: str) -> Tensor:
+        if self._ghost(name):
+            return ghost_norm_sq(upcast(self.g), upcast(self.x))
+        return self.norm(name).square()
 
     def per_example(self, name: str) -> Tensor:
         if name == "bias":

@@ -46,6 +46,18 @@ class GradUse:
         """Per-example squared L2 norm of parameter ``name``'s gradient, float32, shape [B]."""
         return row_norm_sq(self.per_example(name))
 
+    def norm(self, name: str) -> Tensor:
+        """Per-example L2 norm of parameter ``name``'s gradient, float32, shape [B].
+
+        The engine clips from norms. A use that instantiates its per-example gradients gets
+        them in one reduction, without the square and the square root around
+        :meth:`norm_sq` (two dispatched ops per parameter per step, which add up over the
+        hundreds of small modules of a LoRA model); others take the root of :meth:`norm_sq`.
+        """
+        if type(self).norm_sq is GradUse.norm_sq:
+            return row_norm(self.per_example(name))
+        return self.norm_sq(name).sqrt()
+
     def per_example(self, name: str) -> Tensor:
         """Per-example gradients of ``name``, shape [B, *param.shape] (used for shared params)."""
         raise NotImplementedError
@@ -123,13 +135,18 @@ def examples_per_chunk(batch: int, temporary: int, held: int, spare: int = 0) ->
 _HALF_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def row_norm_sq(tensor: Tensor) -> Tensor:
-    """``||tensor[i]||^2`` per row of dim 0, at least in float32: one fused reduction, with no
+def row_norm(tensor: Tensor) -> Tensor:
+    """``||tensor[i]||`` per row of dim 0, at least in float32: one fused reduction, with no
     squared or upcast copy of the (often per-example-gradient-sized) tensor."""
     dims = tuple(range(1, tensor.dim()))
     if tensor.dtype in _HALF_PRECISION:
-        return torch.linalg.vector_norm(tensor, dim=dims, dtype=torch.float32).square()
-    return torch.linalg.vector_norm(tensor, dim=dims).square()  # no dtype= to parse: called per group
+        return torch.linalg.vector_norm(tensor, dim=dims, dtype=torch.float32)
+    return torch.linalg.vector_norm(tensor, dim=dims)  # no dtype= to parse: called per group
+
+
+def row_norm_sq(tensor: Tensor) -> Tensor:
+    """``||tensor[i]||^2`` per row of dim 0 (see :func:`row_norm`)."""
+    return row_norm(tensor).square()
 
 
 def row_dot_(a: Tensor, b: Tensor) -> Tensor:
