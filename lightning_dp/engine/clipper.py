@@ -205,8 +205,11 @@ class Clipper:
             f"leading dimension has {rows} rows, but this forward holds {self.examples} examples. "
             "lightning-dp attributes a private call's gradient to examples by that dimension (one "
             "row per example, or one row shared by all of them), so this call's gradient could "
-            "not be clipped per example. If the input does not depend on the example (e.g. "
-            f"relative-position buckets), freeze `{site.path}` with requires_grad_(False). If the "
+            "not be clipped per example. An input every example shares, such as positions built "
+            "with torch.arange(T), can be given one leading row of size 1 (pos.unsqueeze(0)), "
+            "which is expanded to every example. Otherwise, if the input does not depend on the "
+            f"example (e.g. relative-position buckets), freeze `{site.path}` with "
+            "requires_grad_(False). If the "
             "model's examples are not along dim 0 of its first input, pass "
             "make_private(..., batch_size_fn=lambda args, kwargs: <number of examples>)."
         )

@@ -1,0 +1,63 @@
+"""Inputs whose rows are not examples: a position row every example shares, as nanoGPT writes it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracle import clipped_sum, per_example_grads
+from torch import nn
+
+import lightning_dp as ldp
+
+
+class NanoGPTPositions(nn.Module):
+    """Token and learned position embeddings, positions built inside the forward."""
+
+    def __init__(self, one_row: bool) -> None:
+        super().__init__()
+        self.wte, self.wpe, self.head = nn.Embedding(11, 6), nn.Embedding(8, 6), nn.Linear(6, 11)
+        self.one_row = one_row
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)  # nanoGPT: shape [T]
+        return self.head(self.wte(idx) + self.wpe(pos.unsqueeze(0) if self.one_row else pos))
+
+
+def _loss(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = model(idx)
+    return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+
+
+def test_positions_without_an_example_dim_are_refused_with_the_one_row_fix():
+    model = ldp.make_private(NanoGPTPositions(one_row=False))
+    idx = torch.randint(11, (3, 5))
+    with pytest.raises(ValueError, match=r"`wpe`.*5 rows.*3 examples.*unsqueeze\(0\)"):
+        model(idx)
+
+
+def test_positions_as_one_shared_row_are_clipped_per_example():
+    """Given as [1, T], the row is expanded per example: the clipped sum equals the loop's of
+    single-example gradients, with every norm above C, and removing an example moves it by at
+    most C."""
+    torch.manual_seed(0)
+    plain = NanoGPTPositions(one_row=True).double()
+    idx, targets = torch.randint(11, (4, 5)), torch.randint(11, (4, 5))
+    examples = [(idx[i : i + 1], targets[i : i + 1]) for i in range(4)]
+    reference = per_example_grads(plain, examples, lambda m, e: _loss(m, *e))
+    names = [n for n, _ in plain.named_parameters()]
+    _, norms = clipped_sum(reference, {"flat": names}, {"flat": 1.0})
+    threshold = 0.5 * min(norms["flat"])
+    expected, _ = clipped_sum(reference, {"flat": names}, {"flat": threshold})
+
+    def private_sum(rows: slice) -> dict[str, torch.Tensor]:
+        model = ldp.make_private(NanoGPTPositions(one_row=True).double(), clipping="flat", max_grad_norm=threshold)
+        model.load_state_dict(plain.state_dict())
+        _loss(model, idx[rows], targets[rows]).backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    full = private_sum(slice(0, 4))
+    for name in names:
+        torch.testing.assert_close(full[name], expected[name])
+    without_last = private_sum(slice(0, 3))
+    moved = sum(float((full[n] - without_last[n]).pow(2).sum()) for n in names) ** 0.5
+    assert threshold * 0.99 < moved <= threshold * (1 + 1e-9)
