@@ -2,6 +2,7 @@
 
     python bench/fixed_cost.py
     python bench/fixed_cost.py --modules 64 --rounds 400
+    python bench/fixed_cost.py --device cuda    # host time per module, as a LoRA model's
 
 A stack of small modules (16 features, batch 16) makes every step's arithmetic negligible, so
 what is left is what each private module costs whatever its size: the autograd.Function's
@@ -19,15 +20,20 @@ import statistics
 import time
 
 import torch
-from harness import environment
+from harness import environment, synchronizer
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 WIDTH, BATCH = 16, 16
 
 
-def stack(kind: str, modules: int) -> tuple[nn.Module, torch.Tensor]:
-    """``modules`` layers of one kind, and an input batch for them."""
+def stack(kind: str, modules: int, device: str = "cpu") -> tuple[nn.Module, torch.Tensor]:
+    """``modules`` layers of one kind, and an input batch for them, on ``device``."""
+    model, x = _stack(kind, modules)
+    return model.to(device), x.to(device)
+
+
+def _stack(kind: str, modules: int) -> tuple[nn.Module, torch.Tensor]:
     if kind == "linear T=1":
         return nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(modules)]), torch.randn(BATCH, WIDTH)
     if kind == "linear T=8":  # ghost norms
@@ -49,20 +55,23 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def measure(kind: str, modules: int, rounds: int) -> dict[str, tuple[float, float]]:
-    """(us per module per step, ops per module per step) of each case."""
+def measure(kind: str, modules: int, rounds: int, device: str = "cpu") -> dict[str, tuple[float, float]]:
+    """(us per module per step, ops per module per step) of each case. On an accelerator a step
+    is timed to the end of its kernels, which for modules this small is the host's time."""
     import lightning_dp
 
+    sync = synchronizer(torch.device(device))
     steps = {}
     for case in ("non-private", "layer", "flat"):
         torch.manual_seed(0)
-        model, x = stack(kind, modules)
+        model, x = stack(kind, modules, device)
         if case != "non-private":
             lightning_dp.make_private(model, clipping=case, max_grad_norm=1.0)
 
         def step(model=model, x=x) -> None:
             model.zero_grad(set_to_none=True)
             model(x).square().sum().backward()
+            sync()
 
         steps[case] = step
     times: dict[str, list[float]] = {case: [] for case in steps}
@@ -85,14 +94,15 @@ def main() -> None:
     parser.add_argument("--modules", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(environment("cpu", args.threads) + "\n")
+    print(environment(torch.device(args.device).type, args.threads) + "\n")
     print(f"{args.modules} modules of width {WIDTH}, batch {BATCH}; median of {args.rounds} alternating "
           "rounds. Per module per step (forward, backward, clipping):\n")
     print("| stack | non-private us | ops | per-layer us | ops | flat us | ops |\n|---|---|---|---|---|---|---|")
     for kind in ("linear T=1", "linear T=8", "linear T=64", "layer norm T=8"):
-        r = measure(kind, args.modules, args.rounds)
+        r = measure(kind, args.modules, args.rounds, args.device)
         cells = " | ".join(f"{r[c][0]:.0f} | {r[c][1]:.1f}" for c in ("non-private", "layer", "flat"))
         print(f"| {kind} | {cells} |", flush=True)
 
