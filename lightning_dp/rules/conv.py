@@ -117,7 +117,7 @@ class ConvUse(GradUse):
         g, u = upcast(self.g_grouped), upcast(self._patches())
         gram_g = torch.einsum("bgpl,bgpm->bglm", g, g)
         gram_u = torch.einsum("bgdl,bgdm->bglm", u, u)
-        return row_dot_(gram_g, gram_u)
+        return row_dot_(gram_g, gram_u).clamp_(min=0)  # rounding: see linear.ghost_norm_sq
 
     def per_example(self, name: str) -> Tensor:
         if name == "bias":

@@ -139,7 +139,7 @@ class PairwiseEmbeddingUse(GradUse):
     def norm_sq(self, name: str) -> Tensor:
         g = upcast(self.g)
         same = (self.ids.unsqueeze(2) == self.ids.unsqueeze(1)).to(g.dtype)  # [B, T, T]
-        return row_dot_(same, torch.bmm(g, g.transpose(1, 2)))
+        return row_dot_(same, torch.bmm(g, g.transpose(1, 2))).clamp_(min=0)  # see linear.ghost_norm_sq
 
     def token_factors(self, name: str) -> TokenFactors:
         return TokenFactors(rows=self.ids, cols=upcast(self.g))

@@ -46,8 +46,12 @@ def ghost_norm_sq(g: Tensor, x: Tensor) -> Tensor:
     narrow, wide = (g, x) if g.shape[2] <= x.shape[2] else (x, g)
     gram = torch.bmm(wide, wide.transpose(1, 2))
     if g.shape[1] <= narrow.shape[2]:
-        return row_dot_(gram, torch.bmm(narrow, narrow.transpose(1, 2)))
-    return row_dot_(torch.bmm(gram, narrow), narrow)
+        norm_sq = row_dot_(gram, torch.bmm(narrow, narrow.transpose(1, 2)))
+    else:
+        norm_sq = row_dot_(torch.bmm(gram, narrow), narrow)
+    # a gradient that nearly cancels over tokens can round below 0: its root would be NaN and
+    # the example dropped as non-finite
+    return norm_sq.clamp_(min=0)
 
 
 class LinearUse(GradUse):

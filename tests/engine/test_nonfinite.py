@@ -44,3 +44,23 @@ def test_nan_in_an_embedding_gradient_is_zeroed():
     (out * weights).sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in private.parameters())
     assert int(clipper_of(private).stats["flat"].nonfinite) == 1
+
+
+@pytest.mark.parametrize("clipping", ["layer", "flat"])
+def test_a_gradient_that_cancels_over_tokens_keeps_a_finite_norm(clipping):
+    """Output gradients of alternating sign on nearly equal inputs: each example's weight
+    gradient nearly cancels over its tokens, and its ghost norm (a sum of large Gram terms)
+    rounds below 0 for about half of them. The norm must stay a number (0, or the rounding
+    error's root: true norms here are about 6e-3, the Gram terms about 3e4), not the NaN of a
+    negative root, which would drop the example and count it as non-finite."""
+    torch.manual_seed(0)
+    tokens = 8
+    model = ldp.make_private(torch.nn.Sequential(torch.nn.Linear(16, 32)), clipping=clipping,
+                             max_grad_norm=1.0, norm_method="ghost")
+    x = torch.randn(1, 1, 16).expand(32, tokens, 16) + 1e-4 * torch.randn(32, tokens, 16)
+    sign = torch.tensor([1.0, -1.0] * (tokens // 2)).view(1, tokens, 1)
+    (model(x) * sign * torch.randn(32)).sum().backward()
+    for stats in clipper_of(model).stats.values():
+        assert int(stats.nonfinite) == 0
+        assert (stats.norms >= 0).all() and (stats.norms < 0.1).all()
+    assert torch.isfinite(model[0].weight.grad).all()
