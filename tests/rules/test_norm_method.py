@@ -121,3 +121,29 @@ def test_instantiation_that_would_be_chunked_costs_more_on_the_cpu():
     # accelerators: their one (estimated) constant, chunks or not
     assert (norm_method.choose_norm_method(batch, tokens, p, d, "auto", "cuda", spare=0)
             == norm_method.choose_norm_method(batch, tokens, p, d, "auto", "cuda"))
+
+
+def test_every_timed_run_follows_a_write_through_the_caches(monkeypatch):
+    """In a step a layer's clipping reads its tensors from memory, not from a warm cache: each
+    of the three runs per method (the untimed first one too) starts after the caches were
+    written over, and the buffer is made once per method, not per run."""
+    events = []
+    real_write = norm_method._write_through_caches
+
+    def write(device, buffer):
+        events.append(("write", buffer is None))
+        return torch.zeros(1)
+
+    def synchronize(device):
+        events.append(("sync", None))
+
+    monkeypatch.setattr(norm_method, "_FASTEST", {})
+    monkeypatch.setattr(norm_method, "_write_through_caches", write)
+    monkeypatch.setattr(norm_method, "_synchronize", synchronize)
+    linear_use(8, 16, 12, 10)
+    runs = [events[i : i + 3] for i in range(0, len(events), 3)]
+    assert len(runs) == 6  # two methods, three runs each
+    assert all(run == [("write", run[0][1]), ("sync", None), ("sync", None)] for run in runs)
+    assert [run[0][1] for run in runs] == [True, False, False] * 2
+    buffer = real_write(torch.device("cpu"), None)
+    assert buffer.numel() * buffer.element_size() == norm_method.EVICT_BYTES
