@@ -104,7 +104,7 @@ def _seconds(build: Callable[[str, int], GradUse], method: str, examples: int) -
     for run in range(3):
         use = build(method, examples)  # fresh: a use caches its instantiated gradients
         device = use.params["weight"].device
-        buffer = _write_through_caches(device, buffer)
+        buffer = write_through_caches(device, buffer)
         _synchronize(device)
         start = time.perf_counter()
         use.clipped_grad("weight", use.norm("weight").clamp(max=1.0))
@@ -114,7 +114,7 @@ def _seconds(build: Callable[[str, int], GradUse], method: str, examples: int) -
     return best
 
 
-def _write_through_caches(device: torch.device, buffer: torch.Tensor | None) -> torch.Tensor:
+def write_through_caches(device: torch.device, buffer: torch.Tensor | None) -> torch.Tensor:
     """Write ``EVICT_BYTES`` (twice the L2 on a GPU, if more) into ``buffer``, made on first use."""
     if buffer is None:
         size = EVICT_BYTES

@@ -128,7 +128,7 @@ def test_every_timed_run_follows_a_write_through_the_caches(monkeypatch):
     of the three runs per method (the untimed first one too) starts after the caches were
     written over, and the buffer is made once per method, not per run."""
     events = []
-    real_write = norm_method._write_through_caches
+    real_write = norm_method.write_through_caches
 
     def write(device, buffer):
         events.append(("write", buffer is None))
@@ -138,7 +138,7 @@ def test_every_timed_run_follows_a_write_through_the_caches(monkeypatch):
         events.append(("sync", None))
 
     monkeypatch.setattr(norm_method, "_FASTEST", {})
-    monkeypatch.setattr(norm_method, "_write_through_caches", write)
+    monkeypatch.setattr(norm_method, "write_through_caches", write)
     monkeypatch.setattr(norm_method, "_synchronize", synchronize)
     linear_use(8, 16, 12, 10)
     runs = [events[i : i + 3] for i in range(0, len(events), 3)]
