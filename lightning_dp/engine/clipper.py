@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from lightning_dp.engine.clip_fns import CLIP_FNS
 from lightning_dp.engine.deferred_ops import group_scale, shared_scale
 from lightning_dp.engine.shared_norms import norm_sq_of_sum
-from lightning_dp.rules.base import Rule, in_dtype
+from lightning_dp.rules.base import Rule, in_dtype, settle_factors_
 from lightning_dp.rules.protocol import GradUse, examples_per_chunk, row_norm_sq, upcast
 
 
@@ -110,8 +110,9 @@ class Site:
         """Announce a primitive call on input ``x``; a row shared by every example is expanded to
         the batch, so that each example's gradient through this call can be taken apart."""
         self.announce()
-        if self.rows_are_examples(x.shape[dim], f"input of shape {tuple(x.shape)}"):
-            return x
+        rows = x.shape[dim]
+        if rows == self.clipper.examples or self.rows_are_examples(rows, f"input of shape {tuple(x.shape)}"):
+            return x  # the first test is the common case, without formatting the message
         shape = list(x.shape)
         shape[dim] = self.clipper.examples
         return x.expand(shape)
@@ -312,12 +313,17 @@ class Clipper:
                 if self.group_of[canonical] == group_name:
                     contributions[canonical].append((use, role))
 
+        # in chunks when the whole batch's temporaries would be large next to the group's
+        # factors plus what this backward has released
         sizes = _workspaces(contributions)
-        chunk = _chunk_size(sizes, self._released)
-        self._released += sum(held * use.batch_size for use, (_, held) in sizes.items())
-        if chunk is not None:
-            self._clip_in_chunks(group_name, contributions, chunk)
-            return
+        if sizes is not None:
+            temporary, held = sizes
+            batch = uses[0][1].batch_size
+            chunk = examples_per_chunk(batch, temporary, held, spare=self._released)
+            self._released += held * batch
+            if chunk < batch:
+                self._clip_in_chunks(group_name, contributions, chunk)
+                return
         norms = []
         for calls in contributions.values():
             if len(calls) == 1:
@@ -373,10 +379,9 @@ class Clipper:
     def _clip_factors(self, group_name: str, norms: Tensor, first_row: int) -> Tensor:
         """Clip factors of rows ``first_row, first_row + 1, ...`` of the batch."""
         factors = self.clip_fn(norms, self.groups[group_name].threshold, self.gamma)
-        factors.nan_to_num_(nan=0.0, posinf=0.0)  # a NaN norm (an inf one already gives 0)
         if self.real_rows is not None and first_row + norms.shape[0] > self.real_rows:
             factors[max(self.real_rows - first_row, 0) :] = 0.0
-        return factors
+        return settle_factors_(factors)  # a NaN norm's factor made 0 (an inf one already is)
 
     def _record(self, group_name: str, norms: Tensor) -> None:
         """Keep the stats (and adaptive counts) of the real rows of a group's norms."""
@@ -424,26 +429,26 @@ class Clipper:
         return grads
 
 
-def _workspaces(contributions: dict[str, list[tuple[GradUse, str]]]) -> dict[GradUse, tuple[int, int]]:
-    """(temporary, held) elements per example of each call of a group (``GradUse.workspace``);
-    empty when some call cannot be split or some parameter has several calls (a shared one
-    needs every use's factors at once)."""
-    if any(len(calls) != 1 for calls in contributions.values()):
-        return {}
-    sizes = {calls[0][0]: calls[0][0].workspace() for calls in contributions.values()}
-    return {} if any(size is None for size in sizes.values()) else sizes
-
-
-def _chunk_size(sizes: dict[GradUse, tuple[int, int]], released: int) -> int | None:
-    """Examples per chunk when clipping the whole batch at once would make temporaries large
-    next to the group's factors plus what this backward has released; None: no chunks."""
-    if not sizes:
-        return None
-    batch = next(iter(sizes)).batch_size
-    temporary = sum(t for t, _ in sizes.values())
-    held = sum(h for _, h in sizes.values())
-    chunk = examples_per_chunk(batch, temporary, held, spare=released)
-    return chunk if chunk < batch else None
+def _workspaces(contributions: dict[str, list[tuple[GradUse, str]]]) -> tuple[int, int] | None:
+    """(temporary, held) elements per example of a group's calls together
+    (``GradUse.workspace``); None when some call cannot be split or some parameter has several
+    calls (a shared one needs every use's factors at once). Loops, not generators: this runs
+    once per group per backward."""
+    temporary = held = 0
+    seen = set()
+    for calls in contributions.values():
+        if len(calls) != 1:
+            return None
+        use = calls[0][0]
+        if use in seen:
+            continue
+        seen.add(use)
+        size = use.workspace()
+        if size is None:
+            return None
+        temporary += size[0]
+        held += size[1]
+    return temporary, held
 
 
 def group_norm(norms: list[Tensor]) -> Tensor:

@@ -29,8 +29,9 @@ from lightning_dp.rules.protocol import (
 )
 
 __all__ = [
-    "CallSite", "GradUse", "Rule", "TokenFactors", "as_tokens", "in_dtype", "row_dot_", "row_norm", "row_norm_sq",
-    "rows", "rows_kept_by", "scale_rows", "sum_product_per_example", "trainable", "upcast", "weighted_sum",
+    "CallSite", "GradUse", "Rule", "TokenFactors", "as_tokens", "in_dtype", "row_dot_", "row_norm",
+    "row_norm_sq", "rows", "rows_kept_by", "scale_rows", "settle_factors_", "sum_product_per_example",
+    "trainable", "upcast", "weighted_sum",
 ]
 
 
@@ -93,15 +94,16 @@ def trainable(tensor: Tensor | None) -> bool:
     return tensor is not None and tensor.requires_grad
 
 
-def _every_row_kept(ok: Tensor) -> bool:
-    """True when no row needs zeroing and knowing it is free: on the host, outside compiled
-    graphs. On accelerators the zeroing pass is cheaper than a device synchronisation."""
-    return ok.device.type == "cpu" and not torch.compiler.is_compiling() and bool(ok.all())
+def _host_knows(tensor: Tensor) -> bool:
+    """Reading ``tensor``'s values is free: on the host, outside compiled graphs. On
+    accelerators it would be a device synchronisation, which costs more than the passes it saves."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-class _NoZeroScale:
-    """Whether the last clip-factor tensor checked has no zero, remembered: every parameter of
-    a group is clipped with the same factors, so the check runs once per group, not per use."""
+class _KeptRows:
+    """Whether no clip factor of a tensor is 0, for the last factors seen: every parameter of a
+    group is clipped with the same factors, so this is found out once per group, not per use
+    (and by the clipper itself where it has just read the factors)."""
 
     def __init__(self) -> None:
         self._last: tuple[weakref.ref, bool] | None = None
@@ -109,13 +111,31 @@ class _NoZeroScale:
     def __call__(self, scale: Tensor) -> bool:
         if self._last is not None and self._last[0]() is scale:
             return self._last[1]
-        result = _every_row_kept(scale)  # nonzero entries are True
+        kept = _host_knows(scale) and bool(scale.all())  # nonzero entries are True
+        self.remember(scale, kept)
+        return kept
+
+    def remember(self, scale: Tensor, kept: bool) -> None:
         if not torch.compiler.is_compiling():
-            self._last = (weakref.ref(scale), result)
-        return result
+            self._last = (weakref.ref(scale), kept)
 
 
-_no_zero_scale = _NoZeroScale()
+_kept_rows = _KeptRows()
+
+
+def settle_factors_(factors: Tensor) -> Tensor:
+    """Clip factors made safe for clipped sums: a NaN factor (from a NaN norm) becomes 0.
+
+    On the host one read of the smallest factor says whether any row is dropped (0 or NaN; the
+    clip functions return no infinite factor); when none is, the factors are returned as they
+    are and the clipped sums skip their zeroing pass. Elsewhere the NaN pass always runs.
+    """
+    if _host_knows(factors) and (factors.numel() == 0 or factors.min().item() > 0):
+        _kept_rows.remember(factors, True)
+        return factors
+    factors.nan_to_num_(nan=0.0, posinf=0.0)
+    _kept_rows.remember(factors, False)
+    return factors
 
 
 def rows_kept_by(scale: Tensor, tensor: Tensor) -> Tensor:
@@ -124,7 +144,7 @@ def rows_kept_by(scale: Tensor, tensor: Tensor) -> Tensor:
     tensors it was computed from reaches, so only rows of factor 0 change, and those are then
     multiplied by 0. On the host, when no factor is 0, the pass is skipped; on accelerators it
     is one op (a mask, a select and a scalar were four)."""
-    return tensor if _no_zero_scale(scale) else tensor.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    return tensor if _kept_rows(scale) else tensor.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def in_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:

@@ -20,7 +20,7 @@ def zeroing(request, monkeypatch):
     """The host skips the zeroing pass when no clip factor is 0 (it can read that for free); an
     accelerator (and a compiled graph) always runs it. Both must give the same sums."""
     if request.param == "accelerator":
-        monkeypatch.setattr(base, "_every_row_kept", lambda ok: False)
+        monkeypatch.setattr(base, "_host_knows", lambda tensor: False)
     return request.param
 
 
@@ -76,3 +76,27 @@ def test_a_gradient_that_cancels_over_tokens_keeps_a_finite_norm(clipping):
         assert int(stats.nonfinite) == 0
         assert (stats.norms >= 0).all() and (stats.norms < 0.1).all()
     assert torch.isfinite(model[0].weight.grad).all()
+
+
+@pytest.mark.parametrize("norm_method", ["instantiate", "ghost"])
+@pytest.mark.parametrize("clipping", ["layer", "flat"])
+def test_an_overflowing_example_is_zeroed(clipping, norm_method, zeroing):
+    """An example whose weight gradient overflows to +inf without any NaN (positive inputs near
+    float32's largest): its norm is inf, its factor exactly 0, and its instantiated rows hold
+    inf, which times 0 is NaN. The clipped sums must leave it out, not add that NaN."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    x = torch.rand(6, 5, 4) + 0.5
+    private = ldp.make_private(copy.deepcopy(model), clipping=clipping, max_grad_norm=1.0,
+                               norm_method=norm_method)
+    reference = ldp.make_private(copy.deepcopy(model), clipping=clipping, max_grad_norm=1.0,
+                                 norm_method=norm_method)
+    huge = x.clone()
+    huge[3] = 1e38
+    private(huge).sum().backward()
+    reference(torch.cat([x[:3], x[4:]])).sum().backward()
+
+    stats = clipper_of(private).stats
+    assert all(torch.isinf(s.norms[3]) and int(s.nonfinite) == 1 for s in stats.values())
+    for (name, p), q in zip(private.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
