@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dp.rules._autocast import cast_for_autocast, no_autocast
+from lightning_dp.rules._autocast import cast_for_autocast
 from lightning_dp.rules.base import (
     CallSite,
     GradUse,
@@ -160,8 +160,8 @@ class _ConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, site, spec: ConvSpec, names, x: Tensor, weight: Tensor, bias: Tensor | None):
         ctx.site, ctx.spec, ctx.names, ctx.weight, ctx.bias = site, spec, names, weight, bias
-        xc, wc, bc = cast_for_autocast(x, weight, bias)
-        with no_autocast(x.device.type):
+        (xc, wc, bc), autocast_off = cast_for_autocast(x, weight, bias)
+        with autocast_off:
             out = torch.ops.aten.convolution(
                 xc, wc, bc, spec.stride, spec.padding, spec.dilation, False,
                 [0] * len(spec.kernel_size), spec.groups,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dp.rules._autocast import cast_for_autocast, no_autocast
+from lightning_dp.rules._autocast import cast_for_autocast
 from lightning_dp.rules.base import (
     CallSite,
     GradUse,
@@ -172,8 +172,8 @@ class _LinearFn(torch.autograd.Function):
     def forward(ctx, site, transposed: bool, names, x: Tensor, weight: Tensor, bias: Tensor | None):
         ctx.site, ctx.transposed, ctx.names = site, transposed, names
         ctx.weight, ctx.bias = weight, bias
-        xc, wc, bc = cast_for_autocast(x, weight, bias)
-        with no_autocast(x.device.type):
+        (xc, wc, bc), autocast_off = cast_for_autocast(x, weight, bias)
+        with autocast_off:
             out = F.linear(xc, wc.t() if transposed else wc, bc)
         ctx.save_for_backward(xc if trainable(weight) else None, wc)
         return out

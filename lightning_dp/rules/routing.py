@@ -28,8 +28,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from lightning_dp.rules._affine import affine
-from lightning_dp.rules._norm_affine import group_norm, layer_norm
 from lightning_dp.rules._elementwise import broadcasts_over_examples, concat, elementwise
+from lightning_dp.rules._norm_affine import group_norm, layer_norm
 from lightning_dp.rules.base import CallSite, Rule
 from lightning_dp.rules.conv import conv
 from lightning_dp.rules.embedding import EmbeddingOptions, embedding
