@@ -110,6 +110,23 @@ class ScaledLinear(nn.Linear):
         return F.linear(x * 2.0, self.weight, self.bias).tanh()
 
 
+class MatmulLinear(nn.Module):
+    """Linear layers written as matmuls on the module's own parameters: ``x @ w.t() + b`` and
+    ``x @ w`` (GPT-2 ``Conv1D``'s layout), the first output then changed in place (as Falcon's
+    ``mlp_output += attention_output``)."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, d) / d**0.5)
+        self.b = nn.Parameter(torch.randn(8) / 4)
+        self.w_io = nn.Parameter(torch.randn(d, 8) / d**0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x @ self.w.t() + self.b
+        h += torch.matmul(x, self.w_io)
+        return h.tanh()
+
+
 class Gated(nn.Module):
     """A custom module calling F.linear on its own parameters, twice."""
 
@@ -261,6 +278,13 @@ ZOO = [
     ZooCase("linear_subclass", lambda: nn.Sequential(ScaledLinear(6, 5), nn.Linear(5, 2)), _floats,
             lambda m, b: m(b["x"]), needs=()),
     ZooCase("custom_f_linear", lambda: nn.Sequential(Gated(), nn.Linear(8, 2)), _floats,
+            lambda m, b: m(b["x"]), needs=()),
+    # FalconLinear's x @ w.T through the fallback, and an in-place add on a private layer's output
+    ZooCase("falcon", _hf("FalconConfig", "FalconForCausalLM", vocab_size=VOCAB, hidden_size=16,
+                          num_hidden_layers=2, num_attention_heads=2, hidden_dropout=0.0,
+                          attention_dropout=0.0, max_position_embeddings=32),
+            _text, _logits, fallback=True),
+    ZooCase("matmul_linear", lambda: nn.Sequential(MatmulLinear(), nn.Linear(8, 2)), _floats,
             lambda m, b: m(b["x"]), needs=()),
     ZooCase("scale_shift", lambda: nn.Sequential(nn.Linear(6, 6), ScaleShift(), nn.Linear(6, 2)), _floats,
             lambda m, b: m(b["x"]), needs=()),

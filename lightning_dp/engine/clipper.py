@@ -106,6 +106,10 @@ class Site:
         by every example); refuses anything else. See :meth:`Clipper.rows_are_examples`."""
         return self.clipper.rows_are_examples(self, rows, what)
 
+    def holds_examples(self, rows: int) -> bool:
+        examples = self.clipper.examples
+        return rows == 1 or examples is None or rows == examples
+
     def enter(self, x: Tensor, dim: int = 0) -> Tensor:
         """Announce a primitive call on input ``x``; a row shared by every example is expanded to
         the batch, so that each example's gradient through this call can be taken apart."""

@@ -29,7 +29,7 @@ from lightning_dp.rules.protocol import (
 )
 
 __all__ = [
-    "CallSite", "GradUse", "Rule", "TokenFactors", "as_tokens", "in_dtype", "row_dot_", "row_norm",
+    "CallSite", "GradUse", "Rule", "TokenFactors", "as_tokens", "fresh_output", "in_dtype", "row_dot_", "row_norm",
     "row_norm_sq", "rows", "rows_kept_by", "scale_rows", "settle_factors_", "sum_product_per_example",
     "trainable", "upcast", "weighted_sum",
 ]
@@ -145,6 +145,19 @@ def rows_kept_by(scale: Tensor, tensor: Tensor) -> Tensor:
     multiplied by 0. On the host, when no factor is 0, the pass is skipped; on accelerators it
     is one op (a mask, a select and a scalar were four)."""
     return tensor if _kept_rows(scale) else tensor.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def fresh_output(out: Tensor) -> Tensor:
+    """``out`` as a tensor autograd does not count as a view, for a primitive to return.
+
+    A custom Function's output that is a view cannot be modified in place (``h = layer(x);
+    h += r``, as Falcon's MLP does), which a plain module's output can. ``F.linear`` with a bias
+    on a [B, T, d] input returns a view of the product it made inside the primitive: nothing
+    else holds that product, so dropping the view relation hides no aliasing. Compiled graphs
+    trace the Function, views and in-place ops included, and need none of this."""
+    if torch.compiler.is_compiling() or not out._is_view():
+        return out
+    return torch.ops.aten._unsafe_view(out, out.shape)
 
 
 def in_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:

@@ -116,12 +116,18 @@ class _ParamTap(torch.autograd.Function):
 
 
 class _OutputTap(torch.autograd.Function):
-    """Identity on the module's tensor outputs; its backward records their gradients."""
+    """Identity on the module's tensor outputs; its backward records their gradients.
+
+    Returns copies: a custom Function's view output cannot be modified in place, as a plain
+    module's output can (``h = block(x); h += r``). A copy, not a view that hides its base
+    from autograd, because ops inside the module may have saved these very tensors (``tanh``
+    keeps its result), which an in-place change must not reach.
+    """
 
     @staticmethod
     def forward(ctx, call: _Call, *outputs: Tensor):
         ctx.call = call
-        return tuple(o.view_as(o) for o in outputs)
+        return tuple(o.clone() for o in outputs)
 
     @staticmethod
     def backward(ctx, *grads: Tensor):

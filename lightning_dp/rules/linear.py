@@ -20,6 +20,7 @@ from lightning_dp.rules.base import (
     Rule,
     TokenFactors,
     as_tokens,
+    fresh_output,
     row_dot_,
     row_norm,
     rows_kept_by,
@@ -176,7 +177,7 @@ class _LinearFn(torch.autograd.Function):
         with autocast_off:
             out = F.linear(xc, wc.t() if transposed else wc, bc)
         ctx.save_for_backward(xc if trainable(weight) else None, wc)
-        return out
+        return fresh_output(out)
 
     @staticmethod
     def backward(ctx, g: Tensor):

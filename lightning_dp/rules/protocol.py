@@ -103,6 +103,11 @@ class CallSite(Protocol):
         """Elements the running backward has freed so far, which clipping temporaries may use."""
         ...
 
+    def holds_examples(self, rows: int) -> bool:
+        """True when an input with ``rows`` leading rows can enter (:meth:`enter` would not
+        raise): one row per example of the current forward, or one row for all of them."""
+        ...
+
     def enter(self, x: Tensor, dim: int = 0) -> Tensor:
         """Announce one primitive call whose input ``x`` carries the examples along ``dim``.
 

@@ -89,6 +89,10 @@ class _RouteOps(TorchFunctionMode):
         #: Tensors are matched by identity (``is``), never by ``id()``: under dynamo, ``id()``
         #: of a graph input would guard on that very object and recompile at every new batch.
         self.derived: list[tuple[Tensor, str, float, torch.Size | None]] = []
+        #: (tensor, parameter name) for transposes (``w.t()``) of this module's own 2-D
+        #: parameters, which ``x @ w.t()`` uses as a linear layer's weight. Not images: their
+        #: entries are the parameter's in another layout, which elementwise routes cannot map.
+        self.transposes: list[tuple[Tensor, str]] = []
 
     def owned(self, tensor: Any) -> str | None:
         """The name of this module's own parameter ``tensor`` is, if it is one."""
@@ -107,6 +111,13 @@ class _RouteOps(TorchFunctionMode):
         for derived, name, factor, _ in self.derived:
             if tensor is derived:
                 return name, factor
+        return None
+
+    def transpose_of(self, tensor: Any) -> str | None:
+        """The name of this module's own parameter ``tensor`` is the transpose of, if any."""
+        for transposed, name in self.transposes:
+            if tensor is transposed:
+                return name
         return None
 
     def expanded_from(self, tensor: Any) -> torch.Size | None:
@@ -142,19 +153,24 @@ class _RouteOps(TorchFunctionMode):
         return result
 
     def _refuse_unrouted(self, func: Any, args: tuple, kwargs: dict, result: Any) -> None:
-        images = [self.image(t) for t in tree_flatten((args, kwargs))[0]]
-        used = [image[0] for image in images if image is not None]
+        leaves = tree_flatten((args, kwargs))[0]
+        used = [image[0] for image in map(self.image, leaves) if image is not None]
+        used += [name for name in map(self.transpose_of, leaves) if name is not None]
         carries_grad = any(
             isinstance(t, Tensor) and t.requires_grad for t in tree_flatten(result)[0]
         )
         if used and carries_grad:
-            site = self.site
+            site, op = self.site, _op_name(func)
+            hint = ""
+            if op in ("Tensor.T", "Tensor.mT"):
+                hint = (f" A linear layer written `x @ self.{used[0]}.T` is routed when written "
+                        f"`x @ self.{used[0]}.t()` or `F.linear(x, self.{used[0]})`.")
             raise UnroutedParameterError(
                 f"`{site.path}` ({type(site.module).__name__}) uses its parameter "
-                f"{used[0]!r} in {getattr(func, '__qualname__', func)!s}, which no per-example "
+                f"{used[0]!r} in {op}, which no per-example "
                 "rule stands for, so its gradient could not be clipped per example. Pass "
                 "fallback=True (the torch.func fallback recomputes the module per example), "
-                "register a rule for the module class, or freeze the parameter."
+                f"register a rule for the module class, or freeze the parameter.{hint}"
             )
 
 
@@ -163,6 +179,48 @@ def _linear(mode: _RouteOps, input: Tensor, weight: Tensor, bias: Tensor | None 
     if names is None or "weight" not in names:
         return NotImplemented
     return linear(mode.site, input, weight, bias, names=names)
+
+
+def _transpose(func: Any):
+    """A route for ``func`` (``w.t()``, ``w.transpose(0, 1)``, ``torch.t(w)``) on one of the module's
+    own 2-D parameters: the result is followed as that parameter's transpose."""
+
+    def route(mode: _RouteOps, tensor: Any, *args: Any, **kwargs: Any):
+        name = mode.owned(tensor)
+        if name is None or tensor.dim() != 2 or kwargs or sorted(d % 2 for d in args) not in ([], [0, 1]):
+            return NotImplemented
+        result = func(tensor, *args)  # the mode is off inside its own handler
+        mode.transposes.append((result, name))
+        return result
+
+    return route
+
+
+def _matmul(mode: _RouteOps, input: Any, other: Any, *args: Any, **kwargs: Any):
+    """``x @ w.t()`` (a linear layer written out) or ``x @ w`` (GPT-2
+    ``Conv1D``'s layout) with ``w`` one of the module's own 2-D parameters, and ``x`` holding the
+    examples along dim 0: the linear primitive. Anything else is left to the refusal (and to
+    ``fallback=True``)."""
+    if args or kwargs or not isinstance(input, Tensor) or input.dim() < 2:
+        return NotImplemented
+    if mode.image(input) is not None or mode.transpose_of(input) is not None:
+        return NotImplemented
+    if not mode.site.holds_examples(input.shape[0]):
+        return NotImplemented
+    name = mode.transpose_of(other)
+    if name is not None:
+        return linear(mode.site, input, mode.params[name], None, names={"weight": name})
+    name = mode.owned(other)
+    if name is not None and other.dim() == 2:
+        return linear(mode.site, input, other, None, transposed=True, names={"weight": name})
+    return NotImplemented
+
+
+def _op_name(func: Any) -> str:
+    """``Tensor.T`` for a property's getter, else the function's qualified name."""
+    if getattr(func, "__name__", None) == "__get__":
+        return f"Tensor.{getattr(getattr(func, '__self__', None), '__name__', '?')}"
+    return str(getattr(func, "__qualname__", func))
 
 
 def _embedding(
@@ -356,6 +414,11 @@ _ROUTES.update({f: _derive(f, _negated_shift) for f in (Tensor.__rsub__, torch.r
 _ROUTES.update({f: _derive(f, _divided) for f in (Tensor.__truediv__, Tensor.div, torch.div)})
 _ROUTES.update({f: _binary(f, "mul", _scaled) for f in (Tensor.__mul__, Tensor.__rmul__, Tensor.mul, torch.mul)})
 _ROUTES.update({f: _binary(f, "add", _shift) for f in (Tensor.__add__, Tensor.__radd__, Tensor.add, torch.add)})
+_ROUTES.update({f: _matmul for f in (Tensor.__matmul__, Tensor.matmul, torch.matmul)})
+# Not the ``w.T`` property: dynamo does not show property reads to the mode, so a compiled graph
+# would see ``x @ w.T`` as a matmul with an unknown tensor and leave its gradient unclipped.
+# Refused (eager runs first), it names ``x @ w.t()`` or ``F.linear(x, w)`` as the fix.
+_ROUTES.update({f: _transpose(f) for f in (Tensor.t, Tensor.transpose, torch.t, torch.transpose)})
 # Tensor methods written in Python (``Tensor.__rsub__``) reach a mode traced by dynamo as the
 # function they wrap: find their routes by name too.
 _ROUTES_BY_NAME = {"__rsub__": _ROUTES[Tensor.__rsub__]}

@@ -95,6 +95,66 @@ def test_elementwise_uses_that_are_not_per_example_are_refused(layer):
         model(torch.randn(2, 3))
 
 
+class TransposedUse(nn.Module):
+    """A parameter's transpose in an op that is not ``x @ w.T``."""
+
+    def __init__(self, use: str) -> None:
+        super().__init__()
+        self.w, self.use = nn.Parameter(torch.ones(4, 3)), use
+
+    def forward(self, x):
+        if self.use == "einsum":
+            return torch.einsum("bd,dp->bp", x, self.w.T)
+        if self.use == "product":
+            return x.unsqueeze(-1) * self.w.t()  # [B, 3, 1] * [3, 4]: elementwise, another layout
+        return torch.nn.functional.linear(x, self.w.transpose(0, 1).T)  # a transpose of a transpose
+
+
+@pytest.mark.parametrize("use", ["einsum", "product", "twice"])
+def test_a_transposed_parameter_outside_a_matmul_is_refused(use):
+    model = ldp.make_private(nn.Sequential(nn.Linear(3, 3), TransposedUse(use)))
+    with pytest.raises(ValueError, match=r"\(TransposedUse\) uses its parameter 'w' in "):
+        model(torch.randn(2, 3))
+
+
+class PerHeadMatmul(nn.Module):
+    """``x @ w`` on rows that are not examples (heads folded into the batch dim)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2, 2))
+
+    def forward(self, x):
+        batch = x.shape[0]
+        return (x.reshape(batch * 2, 2) @ self.w).reshape(batch, 4)
+
+
+class PropertyTranspose(nn.Module):
+    """Falcon's ``FalconLinear``: ``x @ w.T``. Compiled graphs do not show the ``.T`` read to the
+    routing, so it is refused in the eager step, with the spelling that is routed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x):
+        return x @ self.weight.T
+
+
+def test_x_at_w_T_is_refused_with_the_routed_spelling():
+    model = ldp.make_private(nn.Sequential(nn.Linear(3, 3), PropertyTranspose()))
+    with pytest.raises(ValueError, match=r"'weight' in Tensor.T.*fallback=True.*`x @ self.weight.t\(\)`"):
+        model(torch.randn(2, 3))
+
+
+def test_a_matmul_whose_rows_are_not_examples_is_refused_or_falls_back():
+    with pytest.raises(ValueError, match=r"\(PerHeadMatmul\) uses its parameter 'w' in .*matmul.*fallback=True"):
+        ldp.make_private(nn.Sequential(nn.Linear(4, 4), PerHeadMatmul()))(torch.randn(3, 4))
+    model = ldp.make_private(nn.Sequential(nn.Linear(4, 4), PerHeadMatmul()), fallback=True)
+    model(torch.randn(3, 4)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_frozen_module_without_a_rule_costs_nothing():
     model = nn.Sequential(nn.Linear(3, 3), NoRule().requires_grad_(False))
     ldp.make_private(model)

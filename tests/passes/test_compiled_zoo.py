@@ -53,6 +53,7 @@ EXACT = [
     _case("scale_shift", "flat"),
     _case("linear_subclass", "flat"),
     _case("custom_f_linear", "layer"),
+    _case("matmul_linear", "layer"),  # x @ w.t(), x @ w, and an in-place add on the output
 ]
 
 #: Physical batch the compiled model sees, and the Poisson draws padded to it.
