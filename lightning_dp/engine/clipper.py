@@ -107,6 +107,7 @@ class Site:
         return self.clipper.rows_are_examples(self, rows, what)
 
     def holds_examples(self, rows: int) -> bool:
+        """See :meth:`CallSite.holds_examples`: the test of :meth:`enter`, without raising."""
         examples = self.clipper.examples
         return rows == 1 or examples is None or rows == examples
 
@@ -115,8 +116,10 @@ class Site:
         the batch, so that each example's gradient through this call can be taken apart."""
         self.announce()
         rows = x.shape[dim]
-        if rows == self.clipper.examples or self.rows_are_examples(rows, f"input of shape {tuple(x.shape)}"):
-            return x  # the first test is the common case, without formatting the message
+        if rows == self.clipper.examples:  # the common case, without formatting a message
+            return x
+        if self.rows_are_examples(rows, f"input of shape {tuple(x.shape)}"):
+            return x
         shape = list(x.shape)
         shape[dim] = self.clipper.examples
         return x.expand(shape)

@@ -29,9 +29,9 @@ from lightning_dp.rules.protocol import (
 )
 
 __all__ = [
-    "CallSite", "GradUse", "Rule", "TokenFactors", "as_tokens", "fresh_output", "in_dtype", "row_dot_", "row_norm",
-    "row_norm_sq", "rows", "rows_kept_by", "scale_rows", "settle_factors_", "sum_product_per_example",
-    "trainable", "upcast", "weighted_sum",
+    "CallSite", "GradUse", "Rule", "TokenFactors", "as_tokens", "fresh_output", "in_dtype",
+    "row_dot_", "row_norm", "row_norm_sq", "rows", "rows_kept_by", "scale_rows", "settle_factors_",
+    "sum_product_per_example", "trainable", "upcast", "weighted_sum",
 ]
 
 

@@ -182,12 +182,13 @@ def _linear(mode: _RouteOps, input: Tensor, weight: Tensor, bias: Tensor | None 
 
 
 def _transpose(func: Any):
-    """A route for ``func`` (``w.t()``, ``w.transpose(0, 1)``, ``torch.t(w)``) on one of the module's
-    own 2-D parameters: the result is followed as that parameter's transpose."""
+    """A route for ``func`` (``w.t()``, ``w.transpose(0, 1)``, ``torch.t(w)``) on one of the
+    module's own 2-D parameters: the result is followed as that parameter's transpose."""
 
     def route(mode: _RouteOps, tensor: Any, *args: Any, **kwargs: Any):
         name = mode.owned(tensor)
-        if name is None or tensor.dim() != 2 or kwargs or sorted(d % 2 for d in args) not in ([], [0, 1]):
+        swaps_the_two_dims = sorted(d % 2 for d in args) in ([], [0, 1])
+        if name is None or tensor.dim() != 2 or kwargs or not swaps_the_two_dims:
             return NotImplemented
         result = func(tensor, *args)  # the mode is off inside its own handler
         mode.transposes.append((result, name))
