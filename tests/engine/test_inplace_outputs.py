@@ -13,17 +13,20 @@ from torch import nn
 
 import lightning_dp as ldp
 from lightning_dp.engine import clipper_of
+from lightning_dp.engine.make_private import _state
+from lightning_dp.rules.func_fallback import FuncFallbackRule
 
 
 class Tanh2(nn.Module):
-    """Parameters used in ops no rule stands for: the torch.func fallback computes the module."""
+    """A parameter in an op no rule stands for (``einsum``): the torch.func fallback computes
+    the module, and its output tap hands the output on."""
 
     def __init__(self) -> None:
         super().__init__()
         self.w = nn.Parameter(torch.randn(6, 6) / 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(x @ self.w) * 2
+        return torch.tanh(torch.einsum("...d,de->...e", x, self.w)) * 2
 
 
 LAYERS = {
@@ -70,6 +73,10 @@ def _check_against_loop(model: nn.Module, batch: torch.Tensor, clipping: str, fa
 
     private = ldp.make_private(copy.deepcopy(model), clipping=clipping, fallback=fallback)
     clipper = clipper_of(private)
+    loss(private, batch).backward()  # the first call picks the fallback where one is needed
+    private.zero_grad(set_to_none=True)
+    if fallback:
+        assert any(isinstance(site.rule, FuncFallbackRule) for site in _state(private).sites)
     groups = {name: g.params for name, g in clipper.groups.items()}
     grads = per_example_grads(model, list(batch.unsqueeze(1)), loss)
     thresholds = {g: median_threshold(grads, members) for g, members in groups.items()}
