@@ -265,6 +265,16 @@ ZOO = [
                               pad_token_id=0, embedding_dropout=0.0, mlp_dropout=0.0,
                               attention_dropout=0.0, classifier_dropout=0.0),
             _text, _logits),
+    # DeBERTa-v2's relative attention repeats its position projections per example itself: with
+    # them, the relative embeddings and their norm frozen, the rest is exact
+    ZooCase("deberta_v2_positions_frozen",
+            _hf("DebertaV2Config", "DebertaV2ForSequenceClassification", vocab_size=VOCAB,
+                hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+                max_position_embeddings=32, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0, num_labels=3, relative_attention=True,
+                pos_att_type=["p2c", "c2p"], position_buckets=8, share_att_key=False),
+            _text, _logits,
+            freeze=("pos_key_proj", "pos_query_proj", "encoder.rel_embeddings", "encoder.LayerNorm")),
     ZooCase("t5", _hf("T5Config", "T5ForConditionalGeneration", vocab_size=VOCAB, d_model=16, d_kv=8,
                       d_ff=24, num_layers=1, num_heads=2, dropout_rate=0.0),
             _seq2seq, _logits, refused=r"relative_attention_bias.*freeze"),

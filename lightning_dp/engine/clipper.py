@@ -121,6 +121,8 @@ class Site:
         if self.rows_are_examples(rows, f"input of shape {tuple(x.shape)}"):
             return x
         shape = list(x.shape)
+        if not torch.compiler.is_compiling():
+            self.clipper.expanded[self.path] = tuple(shape)
         shape[dim] = self.clipper.examples
         return x.expand(shape)
 
@@ -180,6 +182,9 @@ class Clipper:
         #: submodule is called directly) the first private call of the forward sets it.
         self.examples: int | None = None
         self.examples_pinned = False
+        #: Sites whose one-row input this forward expanded to the batch -> the input's shape,
+        #: named in the note on an error the forward then raises (``make_private``).
+        self.expanded: dict[str, tuple[int, ...]] = {}
 
     @contextlib.contextmanager
     def pinned_examples(self, count: int) -> Iterator[None]:

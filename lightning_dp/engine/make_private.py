@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -156,6 +157,7 @@ def make_private(
     model.register_forward_pre_hook(
         _CountExamples(clipper, batch_size_fn or first_batch_dim), with_kwargs=True
     )
+    model.register_forward_hook(_ExplainFailure(clipper), always_call=True)
     setattr(model, _STATE, state)
     return model
 
@@ -174,6 +176,10 @@ def strip_private(model: nn.Module) -> nn.Module:
         if isinstance(hook, _CountExamples):
             del model._forward_pre_hooks[key]
             model._forward_pre_hooks_with_kwargs.pop(key, None)
+    for key, hook in list(model._forward_hooks.items()):
+        if isinstance(hook, _ExplainFailure):
+            del model._forward_hooks[key]
+            model._forward_hooks_always_called.pop(key, None)
     delattr(model, _STATE)
     return model
 
@@ -335,11 +341,43 @@ class _CountExamples:
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         clipper = self.clipper
         clipper.forget_interrupted_backward()
+        if not torch.compiler.is_compiling():
+            clipper.expanded.clear()
         if clipper.examples_pinned or not (clipper.enabled and torch.is_grad_enabled()):
             return  # pinned: a strategy runs the step, and re-plans trainable parameters itself
         if not torch.compiler.is_compiling():  # traced graphs: see lightning_dp.compile
             refuse_unplanned_trainable(module)
         clipper.examples = self.batch_size_fn(args, kwargs)
+
+
+class _ExplainFailure:
+    """Forward hook on the root model that also runs when the forward raises (``always_call``):
+    an error raised after a one-row input was expanded to the batch gets a note naming those
+    calls, which the error itself (a shape mismatch deep in the model's code) does not show."""
+
+    def __init__(self, clipper: Clipper) -> None:
+        self.clipper = clipper
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        error = sys.exc_info()[1]
+        expanded = self.clipper.expanded
+        if error is None or not expanded or not hasattr(error, "add_note"):  # add_note: 3.11+
+            return
+        if any(note.startswith("lightning-dp expanded") for note in getattr(error, "__notes__", [])):
+            return  # a nested private model already said it
+        calls = ", ".join(f"`{path}` (input {list(shape)})" for path, shape in expanded.items())
+        error.add_note(
+            f"lightning-dp expanded the one-row inputs of {calls} to the forward's "
+            f"{self.clipper.examples} examples before this error, so those calls' outputs have "
+            "one row per example where the plain model's have one. That is what lets each "
+            "example's gradient through them be clipped, and code that broadcasts such an output "
+            "is exact; code that indexes its row or repeats it per example itself (DeBERTa's "
+            "relative embeddings through its position projections) is not supported. Freeze the "
+            "modules whose output the model does not simply broadcast (requires_grad_(False); "
+            "the README's layer table has DeBERTa's) to train the rest privately."
+        )
 
 
 def refuse_unplanned_trainable(model: nn.Module) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from oracle import clipped_sum, per_example_grads
@@ -61,3 +63,30 @@ def test_positions_as_one_shared_row_are_clipped_per_example():
     without_last = private_sum(slice(0, 3))
     moved = sum(float((full[n] - without_last[n]).pow(2).sum()) for n in names) ** 0.5
     assert threshold * 0.99 < moved <= threshold * (1 + 1e-9)
+
+
+class RepeatedSharedRow(nn.Module):
+    """DeBERTa's pattern: a one-row tensor every example shares goes through a private layer and
+    is then repeated per example by the model itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("rel", torch.randn(1, 4, 6))
+        self.embed, self.pos_proj = nn.Embedding(11, 6), nn.Linear(6, 6)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.embed(idx)  # [B, T, 6]
+        pos = self.pos_proj(self.rel).repeat(idx.shape[0], 1, 1)  # [B, 4, 6] in the plain model
+        return torch.bmm(h, pos.transpose(1, 2))
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11+")
+def test_an_error_after_a_shared_row_was_expanded_names_the_expansion():
+    model = ldp.make_private(RepeatedSharedRow())
+    with pytest.raises(RuntimeError) as info:
+        model(torch.randint(11, (3, 5)))
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "`pos_proj` (input [1, 4, 6])" in notes and "3 examples" in notes
+    assert "repeats it per example" in notes
+    ldp.strip_private(model)
+    assert model(torch.randint(11, (3, 5))).shape == (3, 5, 4)  # the hook is gone with the rest
