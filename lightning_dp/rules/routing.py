@@ -198,10 +198,9 @@ def _transpose(func: Any):
 
 
 def _matmul(mode: _RouteOps, input: Any, other: Any, *args: Any, **kwargs: Any):
-    """``x @ w.t()`` (a linear layer written out) or ``x @ w`` (GPT-2
-    ``Conv1D``'s layout) with ``w`` one of the module's own 2-D parameters, and ``x`` holding the
-    examples along dim 0: the linear primitive. Anything else is left to the refusal (and to
-    ``fallback=True``)."""
+    """``x @ w.t()`` (a linear layer written out) or ``x @ w`` (GPT-2 ``Conv1D``'s layout), with
+    ``w`` one of the module's own 2-D parameters and ``x`` holding the examples along dim 0: the
+    linear primitive. Anything else is left to the refusal (and to ``fallback=True``)."""
     if args or kwargs or not isinstance(input, Tensor) or input.dim() < 2:
         return NotImplemented
     if mode.image(input) is not None or mode.transpose_of(input) is not None:
