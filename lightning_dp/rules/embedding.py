@@ -41,10 +41,14 @@ def embedding_use(ids: Tensor, g: Tensor, weight: Tensor, padding_idx: int | Non
 
 
 def _one_shared_row_of_distinct_ids(ids: Tensor, padding_idx: int | None) -> bool:
-    """True for ids that are one row expanded to every example (HF position ids of shape
-    [1, T], expanded by ``CallSite.enter``) holding no id twice and no padding: each example's
-    gradient rows are then its own output-gradient rows, with nothing to sum per token."""
-    if ids.dim() != 2 or ids.shape[0] < 2 or ids.stride(0) != 0:
+    """True for ids that are one row repeated for every example, holding no id twice and no
+    padding: HF position ids of shape [1, T] (expanded by ``CallSite.enter``), or positions
+    built as ``arange(T).expand(B, T)`` and copied. Each example's gradient rows are then its own
+    output-gradient rows, with nothing to sum per token. Token ids fail the first test: one
+    comparison of a few thousand integers, next to the sort the general form runs."""
+    if ids.dim() != 2 or ids.shape[0] < 2:
+        return False
+    if ids.stride(0) != 0 and not torch.equal(ids, ids[:1].expand_as(ids)):
         return False
     row = ids[0]
     if padding_idx is not None and bool((row == padding_idx).any()):

@@ -15,13 +15,15 @@ import lightning_dp as ldp
 class NanoGPTPositions(nn.Module):
     """Token and learned position embeddings, positions built inside the forward."""
 
-    def __init__(self, one_row: bool) -> None:
+    def __init__(self, one_row: bool, copied: bool = False) -> None:
         super().__init__()
         self.wte, self.wpe, self.head = nn.Embedding(11, 6), nn.Embedding(8, 6), nn.Linear(6, 11)
-        self.one_row = one_row
+        self.one_row, self.copied = one_row, copied
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(idx.shape[1], device=idx.device)  # nanoGPT: shape [T]
+        if self.copied:  # one row per example, all the same (the shared-row form, found by value)
+            return self.head(self.wte(idx) + self.wpe(pos.expand_as(idx).contiguous()))
         return self.head(self.wte(idx) + self.wpe(pos.unsqueeze(0) if self.one_row else pos))
 
 
@@ -37,12 +39,13 @@ def test_positions_without_an_example_dim_are_refused_with_the_one_row_fix():
         model(idx)
 
 
-def test_positions_as_one_shared_row_are_clipped_per_example():
-    """Given as [1, T], the row is expanded per example: the clipped sum equals the loop's of
-    single-example gradients, with every norm above C, and removing an example moves it by at
-    most C."""
+@pytest.mark.parametrize("copied", [False, True], ids=["one-row", "copied-per-example"])
+def test_positions_as_one_shared_row_are_clipped_per_example(copied):
+    """Given as [1, T], the row is expanded per example (or given already copied per example):
+    the clipped sum equals the loop's of single-example gradients, with every norm above C, and
+    removing an example moves it by at most C."""
     torch.manual_seed(0)
-    plain = NanoGPTPositions(one_row=True).double()
+    plain = NanoGPTPositions(one_row=True, copied=copied).double()
     idx, targets = torch.randint(11, (4, 5)), torch.randint(11, (4, 5))
     examples = [(idx[i : i + 1], targets[i : i + 1]) for i in range(4)]
     reference = per_example_grads(plain, examples, lambda m, e: _loss(m, *e))
@@ -52,7 +55,9 @@ def test_positions_as_one_shared_row_are_clipped_per_example():
     expected, _ = clipped_sum(reference, {"flat": names}, {"flat": threshold})
 
     def private_sum(rows: slice) -> dict[str, torch.Tensor]:
-        model = ldp.make_private(NanoGPTPositions(one_row=True).double(), clipping="flat", max_grad_norm=threshold)
+        model = ldp.make_private(
+            NanoGPTPositions(one_row=True, copied=copied).double(), clipping="flat", max_grad_norm=threshold
+        )
         model.load_state_dict(plain.state_dict())
         _loss(model, idx[rows], targets[rows]).backward()
         return {n: p.grad for n, p in model.named_parameters()}

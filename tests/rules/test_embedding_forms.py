@@ -36,11 +36,14 @@ def _position_ids(batch, row):
     return torch.tensor(row).unsqueeze(0).expand(batch, len(row))
 
 
-def test_a_shared_row_of_distinct_ids_needs_no_per_token_sums():
-    """Position ids (one row for every example, each id once): the shared-row form gives what
-    the rows-per-token form gives, including a zeroed example that holds a NaN."""
+@pytest.mark.parametrize("copied", [False, True], ids=["expanded", "copied"])
+def test_a_shared_row_of_distinct_ids_needs_no_per_token_sums(copied):
+    """Position ids (one row for every example, each id once, as HF's expanded [1, T] row or as
+    ``arange(T).expand(B, T).contiguous()``): the shared-row form gives what the rows-per-token
+    form gives, including a zeroed example that holds a NaN."""
     g_ = torch.Generator().manual_seed(1)
     ids = _position_ids(4, [3, 1, 4, 0, 6])
+    ids = ids.contiguous() if copied else ids
     g = torch.randn(4, 5, 3, generator=g_, dtype=torch.float64)
     g[2, 1, 0] = float("nan")
     weight = torch.zeros(7, 3, dtype=torch.float64, requires_grad=True)
@@ -59,10 +62,11 @@ def test_a_shared_row_of_distinct_ids_needs_no_per_token_sums():
 
 @pytest.mark.parametrize("ids", [
     _position_ids(3, [0, 1, 1]),  # an id twice: its rows must be summed per example
-    _position_ids(3, [2, 0, 1]).contiguous(),  # the same row, but not known to be shared
     torch.tensor([[0, 1, 2], [2, 1, 0], [0, 1, 2]]),  # rows differ
     _position_ids(1, [0, 1, 2]),  # one example
-], ids=["repeat", "copied", "different", "one-example"])
+    _position_ids(3, [0, 1, 1]).contiguous(),  # copied, with an id twice
+    torch.tensor([[0, 1, 2], [0, 1, 2], [0, 2, 1]]),  # only the last row differs
+], ids=["repeat", "different", "one-example", "copied-repeat", "last-differs"])
 def test_ids_that_are_not_one_shared_row_of_distinct_ids_take_the_general_form(ids):
     weight = torch.zeros(5, 2, requires_grad=True)
     assert type(embedding_use(ids, torch.randn(*ids.shape, 2), weight, None)) is EmbeddingUse
