@@ -255,6 +255,13 @@ class Clipper:
         canonical = [site.param_keys[use.names[role]] for role in use.params]
         for name in canonical:
             self._uses_per_param[name] += 1
+        groups = site.groups
+        if canonical and len(groups) == 1:
+            group = groups[0]
+            if self._pending[group] == 1 and group not in self._uses:
+                del self._pending[group]
+                self._clip_call(group, use)
+                return
         touched = {self.group_of[name] for name in canonical}
         for group in site.groups:
             if group in touched:
@@ -334,7 +341,7 @@ class Clipper:
             chunk = examples_per_chunk(batch, temporary, held, spare=self._released)
             self._released += held * batch
             if chunk < batch:
-                self._clip_in_chunks(group_name, contributions, chunk)
+                self._clip_in_chunks(group_name, [calls[0] for calls in contributions.values()], chunk)
                 return
         norms = []
         for calls in contributions.values():
@@ -354,12 +361,26 @@ class Clipper:
             for use, local in calls:
                 _accumulate(use.params[local], use.clipped_grad(local, scale))
 
-    def _clip_in_chunks(
-        self, group_name: str, contributions: dict[str, list[tuple[GradUse, str]]], chunk: int
-    ) -> None:
+    def _clip_call(self, group_name: str, use: GradUse) -> None:
+        """:meth:`_finalize` for the common case, a group that is all of one call's parameters
+        (per-layer clipping of a module called once), without its book-keeping: this runs once
+        per private module per step."""
+        size = use.workspace()
+        if size is not None:
+            batch = use.batch_size
+            chunk = examples_per_chunk(batch, size[0], size[1], spare=self._released)
+            self._released += size[1] * batch
+            if chunk < batch:
+                self._clip_in_chunks(group_name, [(use, role) for role in use.params], chunk)
+                return
+        scale = self.scale_from_norms(group_name, group_norm([use.norm(role) for role in use.params]))
+        for role, param in use.params.items():
+            _accumulate(param, use.clipped_grad(role, scale))
+
+    def _clip_in_chunks(self, group_name: str, calls: list[tuple[GradUse, str]], chunk: int) -> None:
         """Norm, clip and sum ``chunk`` examples at a time: each example's clip factor needs
-        only its own norm, so the temporaries of one chunk are freed before the next."""
-        calls = [calls[0] for calls in contributions.values()]
+        only its own norm, so the temporaries of one chunk are freed before the next. ``calls``:
+        one (use, parameter role) per parameter of the group."""
         batch = calls[0][0].batch_size
         norms = []
         for start in range(0, batch, chunk):
