@@ -51,6 +51,11 @@ class PrivateState:
     params: dict[str, Tensor]
     clipping: Any = None
     hooks: list[Any] = field(default_factory=list)
+    #: planned parameter name -> the module holding it when the model was made private
+    owners: dict[str, nn.Module] = field(default_factory=dict)
+    #: The modules :func:`refuse_unplanned_trainable` walks (taken at its first call; a deep
+    #: copy takes its own)
+    layout: ModuleLayout | None = None
 
     def guard(self) -> None:
         """Arm the leak guard on every trainable parameter."""
@@ -62,6 +67,7 @@ class PrivateState:
             clipper=copy.deepcopy(self.clipper, memo),
             sites=copy.deepcopy(self.sites, memo),
             params=copy.deepcopy(self.params, memo),
+            owners=copy.deepcopy(self.owners, memo),
             clipping=copy.deepcopy(self.clipping, memo),
         )
         copied.guard()
@@ -143,7 +149,9 @@ def make_private(
     clipper.count_within = thresholds == "adaptive"
 
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    state = PrivateState(clipper=clipper, sites=[], params=params, clipping=clipping)
+    owners = {_joined(prefix, name): module for prefix, module in model.named_modules()
+              for name in module._parameters if _joined(prefix, name) in params}
+    state = PrivateState(clipper=clipper, sites=[], params=params, clipping=clipping, owners=owners)
     for index, (path, module, rule, keys) in enumerate(planned):
         site = Site(
             path=path or ROOT, module=module, rule=rule, clipper=clipper, param_keys=keys, index=index
@@ -380,19 +388,62 @@ class _ExplainFailure:
         )
 
 
+class ModuleLayout:
+    """A model's modules with their names, children and planned parameters (those a module
+    held when the model was made private), as ``named_modules()`` gave them.
+
+    Whether a parameter became trainable is checked at every forward; walking this list, with
+    each module's own parameters looked up afresh, costs a third of ``named_parameters()``
+    (about 50 us of a small GPT's forward on the CPU). A module whose children changed since
+    (a layer replaced or added, a wrapper inserted) makes :meth:`unplanned_trainable` return
+    None, and the caller takes the layout anew.
+    """
+
+    def __init__(self, model: nn.Module, owners: Mapping[str, nn.Module]) -> None:
+        self.modules = [
+            (module, prefix, dict(module._modules),
+             frozenset(n for n in module._parameters if owners.get(_joined(prefix, n)) is module))
+            for prefix, module in model.named_modules()
+        ]
+
+    def unplanned_trainable(self) -> list[str] | None:
+        """Names of the trainable parameters not planned (new, or held by a module that
+        replaced a planned one), as ``named_parameters()`` names them (a parameter reached
+        twice, tied, by its first module); None when out of date."""
+        unplanned, seen = [], set()
+        for module, prefix, children, planned in self.modules:
+            if module._modules != children:
+                return None
+            for name, param in module._parameters.items():
+                if param is None or id(param) in seen:
+                    continue
+                seen.add(id(param))
+                if param.requires_grad and name not in planned:
+                    unplanned.append(_joined(prefix, name))
+        return unplanned
+
+
+def _joined(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
 def refuse_unplanned_trainable(model: nn.Module) -> None:
     """Raise when a parameter became trainable after ``make_private``: it is in no clipping
     group, and a module that had no trainable parameter runs its plain forward, so its gradient
     would land unclipped."""
-    planned = _state(model).params  # by name: FSDP2 swaps parameter objects around forwards
-    unplanned = [n for n, p in model.named_parameters() if p.requires_grad and n not in planned]
+    state = _state(model)
+    unplanned = state.layout.unplanned_trainable() if state.layout is not None else None
+    if unplanned is None:  # by name: FSDP2 swaps parameter objects around forwards
+        state.layout = ModuleLayout(model, state.owners)
+        unplanned = state.layout.unplanned_trainable()
     if unplanned:
         raise ValueError(
             f"make_private: parameters {unplanned[:5]}{' ...' if len(unplanned) > 5 else ''} "
-            "became trainable after the model was made private, so no clipping group covers "
-            "them and their gradients would not be clipped. Change requires_grad before "
-            "make_private, or call strip_private(model) and make_private(model, ...) again "
-            "after unfreezing (the DP strategies re-plan by themselves)."
+            "became trainable after the model was made private, or belong to a module put in "
+            "the model since, so no clipping group covers them and their gradients would not be "
+            "clipped. Change requires_grad and replace modules before make_private, or call "
+            "strip_private(model) and make_private(model, ...) again after the change (the DP "
+            "strategies re-plan by themselves)."
         )
 
 

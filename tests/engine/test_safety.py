@@ -144,3 +144,50 @@ def test_a_layer_unfrozen_after_make_private_is_refused_then_clipped_once_replan
     assert block.grad is not None and block.grad.abs().sum() > 0
     # the DP property, with the unfrozen block included: one example moves the sum by <= S
     assert (total - without_first).norm() <= 1e-3 * (1 + 1e-4)
+
+
+def test_a_layer_replaced_after_make_private_is_refused_then_clipped_once_replanned():
+    """A careless user makes the model private, then puts a new head on it: the new head's
+    parameters carry the planned names, but its forward is the plain one and nothing guards
+    them, so they trained unclipped (norm 9.4 against C = 1e-3 before this check)."""
+    torch.manual_seed(0)
+    model = ldp.make_private(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1)), clipping="flat", max_grad_norm=1e-3)
+    x = torch.randn(8, 4)
+    model(x).sum().backward()
+    model[1] = nn.Linear(4, 1)
+    with pytest.raises(ValueError, match=r"\['1\.weight', '1\.bias'\].*module put in the model since"):
+        model(x)
+    model[1].requires_grad_(False)
+    model(x).sum().backward()  # a frozen replacement gets no gradient: accepted
+    model[1].requires_grad_(True)
+
+    ldp.strip_private(model)
+    ldp.make_private(model, clipping="flat", max_grad_norm=1e-3)
+
+    def summed(rows: slice) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        model(x[rows]).sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    full = summed(slice(0, 8))
+    assert ldp.group_norms(model)["flat"].min() > 1e-3  # every example is clipped
+    assert (full - summed(slice(1, 8))).norm() <= 1e-3 * (1 + 1e-4)
+
+
+def test_the_trainable_check_walks_what_named_parameters_gives():
+    """The per-forward check walks the module layout taken once: on a tied HF model it names
+    what ``named_parameters`` names, follows freezing, and reports itself out of date when a
+    module is added."""
+    from lightning_dp.engine.make_private import ModuleLayout
+
+    model = _tiny_gpt2()
+    owners = {n: model.get_submodule(n.rpartition(".")[0]) for n, _ in model.named_parameters()}
+    layout = ModuleLayout(model, owners)
+    assert layout.unplanned_trainable() == []
+    model.transformer.h[1].requires_grad_(False)
+    assert layout.unplanned_trainable() == []
+    layout = ModuleLayout(model, {n: m for n, m in owners.items() if not n.startswith("transformer.wte")})
+    assert layout.unplanned_trainable() == ["transformer.wte.weight"]  # tied to lm_head: named once
+    model.transformer.extra = nn.Linear(2, 2)
+    assert layout.unplanned_trainable() is None
+    assert ModuleLayout(model, owners).unplanned_trainable() == ["transformer.extra.weight", "transformer.extra.bias"]
