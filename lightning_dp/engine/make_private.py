@@ -332,6 +332,8 @@ def _route_forward(site: Site) -> None:
 
 def first_batch_dim(args: tuple, kwargs: dict) -> int | None:
     """Examples in a call: dim 0 of its first tensor argument (positional, then keyword)."""
+    if args and isinstance(args[0], Tensor) and args[0].dim() > 0:
+        return args[0].shape[0]  # the common case, without flattening (once per forward)
     for leaf in tree_flatten((args, kwargs))[0]:
         if isinstance(leaf, Tensor) and leaf.dim() > 0:
             return leaf.shape[0]
