@@ -53,9 +53,11 @@ def prepare_for_compile(model: nn.Module, within: Sequence[nn.Module] | None = N
     clipper.shared = frozenset(_shared_parameters(state)) | frozenset(clipper.repeated)
     # Compiled primitives return clipped gradients through autograd, which the eager leak guard
     # would reject; the eager step before compiling is where that guard checks the model.
-    for name, hook in zip(list(state.params), list(state.hooks)):
-        if name in compiled_params:
-            hook.remove()
+    state.unguarded |= compiled_params
+    for hook in state.hooks:
+        hook.remove()
+    state.guard()
+    state.layout = None  # the next forward's check arms the guard afresh where it is wanted
     return {
         "clip_fn": clipper.clip_fn_name,
         "gamma": clipper.gamma,

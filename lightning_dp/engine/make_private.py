@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -56,10 +57,29 @@ class PrivateState:
     #: The modules :func:`refuse_unplanned_trainable` walks (taken at its first call; a deep
     #: copy takes its own)
     layout: ModuleLayout | None = None
+    #: Planned parameters whose clipped gradients arrive through autograd (compiled), which the
+    #: leak guard would reject
+    unguarded: set[str] = field(default_factory=set)
 
     def guard(self) -> None:
         """Arm the leak guard on every trainable parameter."""
-        self.hooks = [p.register_hook(_LeakGuard(n, self.clipper)) for n, p in self.params.items()]
+        self.hooks = [p.register_hook(_LeakGuard(n, self.clipper))
+                      for n, p in self.params.items() if p.requires_grad and n not in self.unguarded]
+
+    def arm(self, name: str, param: Tensor) -> None:
+        """Arm the leak guard on ``param``, planned as ``name``, unless it carries it already:
+        a new object under a planned name (``load_state_dict(assign=True)``, an unpickled
+        model, whose parameters lose their hooks) would otherwise take stray gradients in."""
+        if name in self.unguarded:
+            return
+        hooks = param._backward_hooks or {}
+        if not any(isinstance(h, _LeakGuard) and h.clipper is self.clipper for h in hooks.values()):
+            self.hooks.append(param.register_hook(_LeakGuard(name, self.clipper)))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the layout holds weak references, and hooks do not survive pickling: both are made
+        # again at the first forward after loading (``refuse_unplanned_trainable``)
+        return {**self.__dict__, "layout": None, "hooks": []}
 
     def __deepcopy__(self, memo: dict) -> PrivateState:
         # Tensor hooks are not copied with tensors: re-arm the guard on the copied parameters.
@@ -68,6 +88,7 @@ class PrivateState:
             sites=copy.deepcopy(self.sites, memo),
             params=copy.deepcopy(self.params, memo),
             owners=copy.deepcopy(self.owners, memo),
+            unguarded=set(self.unguarded),
             clipping=copy.deepcopy(self.clipping, memo),
         )
         copied.guard()
@@ -394,35 +415,49 @@ class ModuleLayout:
     """A model's modules with their names, children and planned parameters (those a module
     held when the model was made private), as ``named_modules()`` gave them.
 
-    Whether a parameter became trainable is checked at every forward; walking this list, with
-    each module's own parameters looked up afresh, costs a third of ``named_parameters()``
-    (about 50 us of a small GPT's forward on the CPU). A module whose children changed since
-    (a layer replaced or added, a wrapper inserted) makes :meth:`unplanned_trainable` return
-    None, and the caller takes the layout anew.
+    The plan is checked at every forward; walking this list, with each module's own parameters
+    looked up afresh, costs a quarter of ``named_parameters()`` (about 50 us of a small GPT's
+    forward on the CPU). A module whose children changed since (a layer replaced or added, a
+    wrapper inserted) makes :meth:`check` return None, and the caller takes the layout anew.
     """
 
     def __init__(self, model: nn.Module, owners: Mapping[str, nn.Module]) -> None:
         self.modules = [
             (module, prefix, dict(module._modules),
-             frozenset(n for n in module._parameters if owners.get(_joined(prefix, n)) is module))
+             {n: _joined(prefix, n) for n in module._parameters if owners.get(_joined(prefix, n)) is module})
             for prefix, module in model.named_modules()
         ]
+        #: planned name -> the parameter object last seen there, known to carry a leak guard
+        self._guarded: dict[str, weakref.ref] = {}
 
-    def unplanned_trainable(self) -> list[str] | None:
-        """Names of the trainable parameters not planned (new, or held by a module that
-        replaced a planned one), as ``named_parameters()`` names them (a parameter reached
-        twice, tied, by its first module); None when out of date."""
-        unplanned, seen = [], set()
+    def check(self, arm: Callable[[str, Tensor], None]) -> tuple[list[str], list[str]] | None:
+        """``(unplanned, tied)``: trainable parameters not planned (new, or held by a module put
+        in since), named as ``named_parameters()`` names them; and planned parameters that are
+        now the same tensor as another planned one (tied since). ``arm(name, param)`` is called
+        for each trainable planned parameter whose object is not the one last seen there
+        (``load_state_dict(assign=True)``, an unpickled model). None when out of date."""
+        unplanned, tied, seen = [], [], set()
         for module, prefix, children, planned in self.modules:
             if module._modules != children:
                 return None
             for name, param in module._parameters.items():
-                if param is None or id(param) in seen:
+                if param is None:
+                    continue
+                full = planned.get(name)
+                if id(param) in seen:  # reached before: tied (named once, by its first module)
+                    if full is not None:
+                        tied.append(full)
                     continue
                 seen.add(id(param))
-                if param.requires_grad and name not in planned:
-                    unplanned.append(_joined(prefix, name))
-        return unplanned
+                if full is None:
+                    if param.requires_grad:
+                        unplanned.append(_joined(prefix, name))
+                    continue
+                last = self._guarded.get(full)
+                if param.requires_grad and (last is None or last() is not param):
+                    arm(full, param)
+                    self._guarded[full] = weakref.ref(param)
+        return unplanned, tied
 
 
 def _joined(prefix: str, name: str) -> str:
@@ -430,14 +465,26 @@ def _joined(prefix: str, name: str) -> str:
 
 
 def refuse_unplanned_trainable(model: nn.Module) -> None:
-    """Raise when a parameter became trainable after ``make_private``: it is in no clipping
-    group, and a module that had no trainable parameter runs its plain forward, so its gradient
-    would land unclipped."""
+    """Check the model against its plan before a forward with gradients: raise when a parameter
+    became trainable after ``make_private`` (it is in no clipping group, and a module that had
+    no trainable parameter runs its plain forward, so its gradient would land unclipped), when
+    two planned parameters were tied since (their uses would be normed apart), or when a layer
+    that mixes examples was put in; and arm the leak guard on planned parameters that are new
+    objects under their old names."""
     state = _state(model)
-    unplanned = state.layout.unplanned_trainable() if state.layout is not None else None
-    if unplanned is None:  # by name: FSDP2 swaps parameter objects around forwards
+    found = state.layout.check(state.arm) if state.layout is not None else None
+    if found is None:  # by name: FSDP2 swaps parameter objects around forwards
+        check_no_cross_example_layers(model)
         state.layout = ModuleLayout(model, state.owners)
-        unplanned = state.layout.unplanned_trainable()
+        found = state.layout.check(state.arm)
+    unplanned, tied = found
+    if tied:
+        raise ValueError(
+            f"make_private: parameters {tied[:5]} were tied to other parameters after the model "
+            "was made private; the plan counts them as separate parameters, so each example's "
+            "gradient through them would be normed in parts, not as one sum. Tie weights before "
+            "make_private, or call strip_private(model) and make_private(model, ...) again."
+        )
     if unplanned:
         raise ValueError(
             f"make_private: parameters {unplanned[:5]}{' ...' if len(unplanned) > 5 else ''} "

@@ -180,14 +180,72 @@ def test_the_trainable_check_walks_what_named_parameters_gives():
     module is added."""
     from lightning_dp.engine.make_private import ModuleLayout
 
+    def unplanned(layout):
+        found = layout.check(lambda name, param: None)
+        return None if found is None else found[0]
+
     model = _tiny_gpt2()
     owners = {n: model.get_submodule(n.rpartition(".")[0]) for n, _ in model.named_parameters()}
     layout = ModuleLayout(model, owners)
-    assert layout.unplanned_trainable() == []
+    assert unplanned(layout) == []
     model.transformer.h[1].requires_grad_(False)
-    assert layout.unplanned_trainable() == []
+    assert unplanned(layout) == []
     layout = ModuleLayout(model, {n: m for n, m in owners.items() if not n.startswith("transformer.wte")})
-    assert layout.unplanned_trainable() == ["transformer.wte.weight"]  # tied to lm_head: named once
+    assert unplanned(layout) == ["transformer.wte.weight"]  # tied to lm_head: named once
     model.transformer.extra = nn.Linear(2, 2)
-    assert layout.unplanned_trainable() is None
-    assert ModuleLayout(model, owners).unplanned_trainable() == ["transformer.extra.weight", "transformer.extra.bias"]
+    assert unplanned(layout) is None
+    assert unplanned(ModuleLayout(model, owners)) == ["transformer.extra.weight", "transformer.extra.bias"]
+
+
+def _leave_one_out_moves(model: nn.Module, x: torch.Tensor) -> float:
+    def summed(rows: slice) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        model(x[rows]).sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    return float((summed(slice(0, len(x))) - summed(slice(1, len(x)))).norm())
+
+
+@pytest.mark.parametrize("how", ["assign", "pickled"])
+def test_new_parameter_objects_under_planned_names_are_guarded(how):
+    """``load_state_dict(assign=True)`` puts new tensors under the planned names, and a
+    pickled model's parameters lose their hooks: the guard is armed on them at the next forward
+    (before, a parameter used in the loss took norm 5.7 unclipped with C = 1e-3), and training
+    stays clipped."""
+    import io
+
+    torch.manual_seed(0)
+    model = ldp.make_private(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1)), clipping="flat", max_grad_norm=1e-3)
+    x = torch.randn(6, 4)
+    model(x).sum().backward()
+    if how == "assign":
+        model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        model = torch.load(buffer, weights_only=False)
+    with pytest.raises(ldp.PrivacyLeakError, match=r"`0.weight` received a gradient that bypassed"):
+        (model(x).sum() + (x @ model[0].weight.t()).sum()).backward()
+    assert _leave_one_out_moves(model, x) <= 1e-3 * (1 + 1e-6)
+    assert ldp.group_norms(model)["flat"].min() > 1e-3  # every example was clipped
+
+
+def test_weights_tied_after_make_private_are_refused():
+    """Tied after the plan, two uses of one tensor were normed as two parameters: the sum of a
+    flat group moved by 1.4 C for one example."""
+    model = ldp.make_private(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), clipping="flat", max_grad_norm=1e-3)
+    x = torch.randn(6, 4)
+    model(x).sum().backward()
+    model[1].weight = model[0].weight
+    with pytest.raises(ValueError, match=r"\['1\.weight'\] were tied to other parameters after"):
+        model(x)
+
+
+def test_a_layer_that_mixes_examples_put_in_after_make_private_is_refused():
+    model = ldp.make_private(nn.Sequential(nn.Linear(4, 4), nn.Identity(), nn.Linear(4, 1)))
+    x = torch.randn(6, 4)
+    model(x).sum().backward()
+    model[1] = nn.BatchNorm1d(4, affine=False)
+    with pytest.raises(ValueError, match=r"`1` is a BatchNorm1d"):
+        model(x)
