@@ -172,6 +172,9 @@ class Clipper:
         self.count_within = False
         self._counts: dict[str, Tensor] = {}
         self._pending: dict[str, int] = defaultdict(int)
+        #: Groups clipped so far in the running backward: a call announced into one of them
+        #: (recomputed in the backward) would have its gradient clipped apart from the rest
+        self._clipped: set[str] = set()
         self._uses: dict[str, list[tuple[Site, GradUse]]] = defaultdict(list)
         #: Elements of the factors of calls clipped so far in this backward: backpropagation has
         #: released (or is about to release) them, so later layers' temporaries may use as much.
@@ -247,8 +250,23 @@ class Clipper:
         return counts
 
     def on_forward(self, site: Site) -> None:
+        if self._clipped and not self._clipped.isdisjoint(site.groups):
+            if torch._C._current_graph_task_id() != -1:
+                self._refuse_split(site)
+            self._clipped.clear()  # left by a backward that raised; this is a new forward
         for group in site.groups:
             self._pending[group] += 1
+
+    def _refuse_split(self, site: Site) -> None:
+        split = sorted(self._clipped.intersection(site.groups))
+        raise RuntimeError(
+            f"lightning-dp: `{site.path}` ({type(site.module).__name__}) was called inside the "
+            f"backward, after clipping groups {split} had been clipped without it. Calls inside a "
+            "reentrant activation checkpoint (torch.utils.checkpoint(..., use_reentrant=True)) "
+            "are counted only when they are recomputed, so a group whose other calls all come "
+            "later in the forward is clipped in parts, each part to the full threshold. Use "
+            "use_reentrant=False, or per-layer clipping (clipping='layer')."
+        )
 
     def on_backward(self, site: Site, use: GradUse) -> None:
         self._queue_finish_callback()
@@ -260,15 +278,20 @@ class Clipper:
             group = groups[0]
             if self._pending[group] == 1 and group not in self._uses:
                 del self._pending[group]
+                self._clipped.add(group)
                 self._clip_call(group, use)
                 return
         touched = {self.group_of[name] for name in canonical}
         for group in site.groups:
             if group in touched:
                 self._uses[group].append((site, use))
-            self._pending[group] -= 1
-            if self._pending[group] <= 0:
+            remaining = self._pending[group] - 1
+            if remaining == 0:
                 self._finalize(group)
+            elif remaining > 0 or group in touched:
+                # below 0: calls the forward never announced (a second backward through a
+                # retained graph), so how many will come is unknown: clipped at the end
+                self._pending[group] = remaining
 
     def _queue_finish_callback(self) -> None:
         """One end-of-backward callback per outermost backward: the inner backward that a
@@ -280,9 +303,18 @@ class Clipper:
 
     def forget_interrupted_backward(self) -> None:
         """At a new forward, outside any backward: a backward that raised never ran its
-        end-of-backward callback; drop its marker so that the next backward queues one."""
-        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() == -1:
-            self._callback_task = None
+        end-of-backward callback; drop its marker so that the next backward queues one, and
+        what it left (the factors of groups it had not clipped, which the next backward would
+        otherwise clip together with its own examples)."""
+        if torch.compiler.is_compiling() or torch._C._current_graph_task_id() != -1:
+            return
+        if self._callback_task is not None:
+            self._uses.clear()
+            self._pending.clear()
+            self._uses_per_param.clear()
+            self._released = 0
+        self._callback_task = None
+        self._clipped.clear()
 
     def _finish(self) -> None:
         """End of backward: finish groups some of whose calls got no gradient, then reset."""
@@ -290,6 +322,7 @@ class Clipper:
             late = sorted(self._uses)
             self._uses.clear()
             self._pending.clear()
+            self._clipped.clear()
             self._uses_per_param.clear()
             self._released = 0
             self._callback_task = None
@@ -304,6 +337,7 @@ class Clipper:
         self.repeated.update(name for name, count in self._uses_per_param.items() if count > 1)
         self._uses_per_param.clear()
         self._pending.clear()
+        self._clipped.clear()
         self._released = 0
         self._callback_task = None
         if not self.examples_pinned:
@@ -312,6 +346,7 @@ class Clipper:
     def _finalize(self, group_name: str) -> None:
         uses = self._uses.pop(group_name, [])
         self._pending.pop(group_name, None)
+        self._clipped.add(group_name)
         if not uses:
             return
         batch_sizes = {use.batch_size for _, use in uses}

@@ -66,3 +66,30 @@ def test_torch_checkpoint_around_blocks_is_exact(reentrant):
         return (out.tanh() + 0.5 * out.pow(2)).sum()
 
     _exact(model, ldp.make_private(copy.deepcopy(model), clipping="flat"), batch, loss)
+
+
+class CheckpointFirst(nn.Module):
+    """A reentrant checkpoint around the first layers, so the flat group's other calls (the
+    head) reach the backward before the checkpointed ones are even counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.head = nn.Sequential(nn.Linear(4, 4), nn.Tanh()), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(checkpoint(self.first, x, use_reentrant=True))
+
+
+def test_a_flat_group_split_by_a_reentrant_checkpoint_is_refused():
+    """Before, the head was clipped alone and the recomputed layers as a second group, each to
+    C: one example moved the sum by 1.4 C. Non-reentrant checkpointing counts every call in the
+    forward and stays exact."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, requires_grad=True)
+    model = ldp.make_private(CheckpointFirst(), clipping="flat", max_grad_norm=1e-3)
+    with pytest.raises(RuntimeError, match=r"`first.0` \(Linear\) was called inside the backward.*use_reentrant=False"):
+        model(x).sum().backward()
+    model.zero_grad(set_to_none=True)  # the next step starts clean after the refusal
+    ldp.make_private(ldp.strip_private(model), clipping="layer", max_grad_norm=1e-3)
+    model(x).sum().backward()  # per-layer groups are whole in either part: accepted
+    assert all(p.grad is not None for p in model.parameters())

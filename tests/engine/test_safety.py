@@ -249,3 +249,39 @@ def test_a_layer_that_mixes_examples_put_in_after_make_private_is_refused():
     model[1] = nn.BatchNorm1d(4, affine=False)
     with pytest.raises(ValueError, match=r"`1` is a BatchNorm1d"):
         model(x)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "layer"])
+def test_a_second_backward_through_a_retained_graph_clips_whole_groups(clipping):
+    """The second backward's calls were never announced by a forward: each module's gradient
+    was clipped as a group of its own, so a flat group of 8 layers released up to sqrt(8) C.
+    Its groups are now clipped whole at the end of the backward: the same gradient as the
+    first backward's."""
+    torch.manual_seed(0)
+    model = ldp.make_private(
+        nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(8)]),
+        clipping=clipping, max_grad_norm=1e-3,
+    )
+    loss = model(torch.randn(6, 4)).sum()
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    for again, before in zip((p.grad for p in model.parameters()), first):
+        torch.testing.assert_close(again, before, rtol=1e-6, atol=1e-12)
+
+
+def test_a_backward_that_raised_leaves_nothing_to_the_next():
+    """A backward stopped by the leak guard had stored the factors of a group it had not
+    clipped yet; the next backward clipped them together with its own examples."""
+    torch.manual_seed(0)
+    model = ldp.make_private(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1)), clipping="flat", max_grad_norm=1e-3)
+    reference = copy.deepcopy(model)
+    x, other = torch.randn(6, 4), torch.randn(6, 4)
+    with pytest.raises(ldp.PrivacyLeakError):  # raised after the head's factors were stored
+        model[2](model[1](model[0](other)) + model[2].weight.sum()).sum().backward()
+    model.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+    reference(x).sum().backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
