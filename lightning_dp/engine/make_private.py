@@ -376,8 +376,10 @@ class _CountExamples:
             clipper.expanded.clear()
         if clipper.examples_pinned or not (clipper.enabled and torch.is_grad_enabled()):
             return  # pinned: a strategy runs the step, and re-plans trainable parameters itself
-        if not torch.compiler.is_compiling():  # traced graphs: see lightning_dp.compile
+        if not torch.compiler.is_compiling():
             refuse_unplanned_trainable(module)
+        elif clipper.id is None:  # plain torch.compile; lightning_dp.compile checks outside
+            _refuse_unplanned_trainable_eagerly(module)
         clipper.examples = self.batch_size_fn(args, kwargs)
 
 
@@ -494,6 +496,11 @@ def refuse_unplanned_trainable(model: nn.Module) -> None:
             "strip_private(model) and make_private(model, ...) again after the change (the DP "
             "strategies re-plan by themselves)."
         )
+
+
+#: Run outside the traced graph (a graph break before the model's forward), so that the check
+#: runs at every call and not only when the graph is traced.
+_refuse_unplanned_trainable_eagerly = torch.compiler.disable(refuse_unplanned_trainable)
 
 
 class _LeakGuard:

@@ -131,6 +131,22 @@ def test_a_layer_unfrozen_after_compiling_is_refused_before_it_trains():
         compiled(x)  # inference is not training: accepted
 
 
+def test_plain_torch_compile_checks_the_plan_at_every_call():
+    """``torch.compile`` on a private model (not ``ldp.compile``) traced the root's check out of
+    the graph: a layer unfrozen afterwards trained unclipped (norm 4.9 with C = 1e-3)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    model[0].requires_grad_(False)
+    private = ldp.make_private(model, clipping="flat", max_grad_norm=1e-3)
+    compiled = torch.compile(private, backend="eager")
+    x = torch.randn(6, 4)
+    compiled(x).sum().backward()
+    assert ldp.group_norms(private)["flat"].shape == (6,)
+    model[0].requires_grad_(True)
+    with pytest.raises(ValueError, match=r"\['0.weight', '0.bias'\] became trainable after"):
+        compiled(x)
+
+
 def test_pass_is_inert_in_inference_graphs():
     model, ids = _setup()
     private = ldp.make_private(model, clipping="layer")
