@@ -153,6 +153,14 @@ def make_private(
             "make_private: this model is already private; call strip_private(model) first to "
             "change its clipping."
         )
+    shared = [path for path, module in model.named_modules() if isinstance(vars(module).get("forward"), _PrivateForward)]
+    if shared:
+        raise ValueError(
+            f"make_private: modules {shared[:5]} are already part of another private model (one "
+            "that contains them was made private); their calls would be clipped by that model's "
+            "engine, apart from this one's groups. Make private only the model you train, or "
+            "call strip_private on the other first."
+        )
     _check_choice("clip_fn", clip_fn, ClipFn)
     _check_choice("norm_method", norm_method, NormMethod)
     _check_choice("thresholds", thresholds, ThresholdMode)

@@ -285,3 +285,12 @@ def test_a_backward_that_raised_leaves_nothing_to_the_next():
     reference(x).sum().backward()
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_a_module_in_two_private_models_is_refused():
+    """The second make_private rerouted the shared layer to its own engine, so the first model
+    clipped it as a separate group (sqrt(2) C for one example under flat clipping)."""
+    shared = nn.Linear(4, 8)
+    ldp.make_private(nn.Sequential(shared, nn.Tanh(), nn.Linear(8, 3)), clipping="flat")
+    with pytest.raises(ValueError, match=r"modules \['0'\] are already part of another private model"):
+        ldp.make_private(nn.Sequential(shared, nn.Tanh(), nn.Linear(8, 2)), clipping="flat")
