@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -185,6 +185,10 @@ class Clipper:
         #: submodule is called directly) the first private call of the forward sets it.
         self.examples: int | None = None
         self.examples_pinned = False
+        #: Run at the end of every backward (``make_private``'s check of the trainable
+        #: parameters, for calls that bypassed the root model's forward); None where a strategy
+        #: follows the trainable parameters itself.
+        self.plan_check: Callable[[], None] | None = None
         #: Sites whose one-row input this forward expanded to the batch -> the input's shape,
         #: named in the note on an error the forward then raises (``make_private``).
         self.expanded: dict[str, tuple[int, ...]] = {}
@@ -342,6 +346,8 @@ class Clipper:
         self._callback_task = None
         if not self.examples_pinned:
             self.examples = None
+        if self.plan_check is not None:
+            self.plan_check()
 
     def _finalize(self, group_name: str) -> None:
         uses = self._uses.pop(group_name, [])

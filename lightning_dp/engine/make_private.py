@@ -195,6 +195,7 @@ def make_private(
         _CountExamples(clipper, batch_size_fn or first_batch_dim), with_kwargs=True
     )
     model.register_forward_hook(_ExplainFailure(clipper), always_call=True)
+    clipper.plan_check = _PlanCheckAfterBackward(model)
     setattr(model, _STATE, state)
     return model
 
@@ -504,6 +505,24 @@ def refuse_unplanned_trainable(model: nn.Module) -> None:
             "strip_private(model) and make_private(model, ...) again after the change (the DP "
             "strategies re-plan by themselves)."
         )
+
+
+class _PlanCheckAfterBackward:
+    """The plan check again at the end of every backward: a module made trainable after
+    ``make_private`` and called directly (not through the root model, whose forward checks)
+    has just had its gradient accumulated unclipped, so the step must not go on."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self) -> None:
+        try:
+            refuse_unplanned_trainable(self.model)
+        except ValueError as error:
+            raise PrivacyLeakError(
+                f"{error} This backward has already accumulated their gradients, unclipped, in "
+                "`.grad`: do not step the optimizer on them."
+            ) from error
 
 
 #: Run outside the traced graph (a graph break before the model's forward), so that the check

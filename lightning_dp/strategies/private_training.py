@@ -165,6 +165,8 @@ class PrivateTraining:
                 gamma=p.gamma, norm_method=self.speed.norm_method, fallback=self.speed.fallback,
                 thresholds=p.thresholds,
             )
+            # the strategy re-plans before each step and refuses stray gradients before noise
+            clipper_of(module).plan_check = None
         if self.adaptive is not None:
             self.adaptive.attach(clipper_of(module))
 

@@ -294,3 +294,18 @@ def test_a_module_in_two_private_models_is_refused():
     ldp.make_private(nn.Sequential(shared, nn.Tanh(), nn.Linear(8, 3)), clipping="flat")
     with pytest.raises(ValueError, match=r"modules \['0'\] are already part of another private model"):
         ldp.make_private(nn.Sequential(shared, nn.Tanh(), nn.Linear(8, 2)), clipping="flat")
+
+
+def test_a_layer_unfrozen_after_make_private_and_called_directly_stops_the_step():
+    """Calling submodules one by one skips the root's forward, where the plan is checked: the
+    unfrozen layer's gradient was accumulated unclipped (norm 4.9 with C = 1e-3). The end of
+    the backward checks again, so the step cannot go on unnoticed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    model[0].requires_grad_(False)
+    ldp.make_private(model, clipping="flat", max_grad_norm=1e-3)
+    x = torch.randn(6, 4)
+    model[2](model[1](model[0](x))).sum().backward()  # the planned set, called directly: accepted
+    model[0].requires_grad_(True)
+    with pytest.raises(ldp.PrivacyLeakError, match=r"\['0.weight', '0.bias'\] became trainable after.*do not step"):
+        model[2](model[1](model[0](x))).sum().backward()
