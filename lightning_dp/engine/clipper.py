@@ -185,6 +185,9 @@ class Clipper:
         #: submodule is called directly) the first private call of the forward sets it.
         self.examples: int | None = None
         self.examples_pinned = False
+        #: The root model's forward set ``examples`` and has ended (``make_private``'s hooks):
+        #: a later call whose rows differ starts a forward of its own
+        self.root_forward_ended = False
         #: Run at the end of every backward (``make_private``'s check of the trainable
         #: parameters, for calls that bypassed the root model's forward); None where a strategy
         #: follows the trainable parameters itself.
@@ -214,8 +217,8 @@ class Clipper:
         else (e.g. T5's [q, k] relative-position buckets) would have its batch-summed gradient
         clipped as if its rows were examples: refused.
         """
-        if self.examples is None:
-            self.examples = rows
+        if self.examples is None or self._after_root_forward():
+            self.examples, self.root_forward_ended = rows, False
         if rows == self.examples:
             return True
         if rows == 1:
@@ -233,6 +236,13 @@ class Clipper:
             "model's examples are not along dim 0 of its first input, pass "
             "make_private(..., batch_size_fn=lambda args, kwargs: <number of examples>)."
         )
+
+    def _after_root_forward(self) -> bool:
+        """A call of a submodule after the root model's forward ended, outside any backward:
+        the start of a forward of its own (the root's count is stale when that forward got no
+        backward, e.g. a validation pass with gradients on), not a call of the root's."""
+        return (self.root_forward_ended and not self.examples_pinned
+                and torch._C._current_graph_task_id() == -1 and not torch.compiler.is_compiling())
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:

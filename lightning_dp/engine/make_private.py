@@ -390,12 +390,15 @@ class _CountExamples:
         elif clipper.id is None:  # plain torch.compile; lightning_dp.compile checks outside
             _refuse_unplanned_trainable_eagerly(module)
         clipper.examples = self.batch_size_fn(args, kwargs)
+        clipper.root_forward_ended = False
 
 
 class _ExplainFailure:
-    """Forward hook on the root model that also runs when the forward raises (``always_call``):
-    an error raised after a one-row input was expanded to the batch gets a note naming those
-    calls, which the error itself (a shape mismatch deep in the model's code) does not show."""
+    """Forward hook on the root model that also runs when the forward raises (``always_call``).
+    It marks the root's forward as ended (a later submodule call starts a forward of its own),
+    and an error raised after a one-row input was expanded to the batch gets a note naming
+    those calls, which the error itself (a shape mismatch deep in the model's code) does not
+    show."""
 
     def __init__(self, clipper: Clipper) -> None:
         self.clipper = clipper
@@ -403,6 +406,7 @@ class _ExplainFailure:
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
         if torch.compiler.is_compiling():
             return
+        self.clipper.root_forward_ended = not self.clipper.examples_pinned
         error = sys.exc_info()[1]
         expanded = self.clipper.expanded
         if error is None or not expanded or not hasattr(error, "add_note"):  # add_note: 3.11+

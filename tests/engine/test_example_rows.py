@@ -95,3 +95,20 @@ def test_an_error_after_a_shared_row_was_expanded_names_the_expansion():
     assert "repeats it per example" in notes
     ldp.strip_private(model)
     assert model(torch.randint(11, (3, 5))).shape == (3, 5, 4)  # the hook is gone with the rest
+
+
+def test_a_submodule_call_after_a_forward_without_backward_counts_its_own_examples():
+    """A forward with gradients and no backward (validation without ``no_grad``) left its
+    example count behind: one example sent through a submodule afterwards was read as a row
+    every one of 6 examples shares, expanded to 6 rows and clipped 6 times (6 C)."""
+    torch.manual_seed(0)
+    model = ldp.make_private(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), clipping="flat", max_grad_norm=1e-3)
+    x = torch.randn(6, 4) * 3
+    model(x)  # never backwarded
+    out = model[0](x[:1])
+    assert out.shape == (1, 8)
+    out.pow(2).sum().backward()
+    assert float(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm()) <= 1e-3 * (1 + 1e-6)
+    model.zero_grad(set_to_none=True)
+    model[2](model[1](model[0](x))).sum().backward()  # and a direct forward of all 6 after it
+    assert ldp.group_norms(model)["flat"].shape == (6,)
