@@ -175,6 +175,8 @@ class Clipper:
         #: Groups clipped so far in the running backward: a call announced into one of them
         #: (recomputed in the backward) would have its gradient clipped apart from the rest
         self._clipped: set[str] = set()
+        #: Calls per site announced by forwards outside the backward, not yet recomputed in it
+        self._announced: dict[int, int] = defaultdict(int)
         self._uses: dict[str, list[tuple[Site, GradUse]]] = defaultdict(list)
         #: Elements of the factors of calls clipped so far in this backward: backpropagation has
         #: released (or is about to release) them, so later layers' temporaries may use as much.
@@ -264,10 +266,16 @@ class Clipper:
         return counts
 
     def on_forward(self, site: Site) -> None:
-        if self._clipped and not self._clipped.isdisjoint(site.groups):
-            if torch._C._current_graph_task_id() != -1:
-                self._refuse_split(site)
+        if torch._C._current_graph_task_id() == -1:
             self._clipped.clear()  # left by a backward that raised; this is a new forward
+            self._announced[site.index] += 1
+        elif self._announced[site.index] > 0:
+            # recomputed inside the backward by a non-reentrant checkpoint: its forward counted
+            # this call already, and counting it twice would hold its groups to the backward's end
+            self._announced[site.index] -= 1
+            return
+        elif not self._clipped.isdisjoint(site.groups):
+            self._refuse_split(site)
         for group in site.groups:
             self._pending[group] += 1
 
@@ -325,6 +333,7 @@ class Clipper:
         if self._callback_task is not None:
             self._uses.clear()
             self._pending.clear()
+            self._announced.clear()
             self._uses_per_param.clear()
             self._released = 0
         self._callback_task = None
@@ -337,6 +346,7 @@ class Clipper:
             self._uses.clear()
             self._pending.clear()
             self._clipped.clear()
+            self._announced.clear()
             self._uses_per_param.clear()
             self._released = 0
             self._callback_task = None
@@ -352,6 +362,7 @@ class Clipper:
         self._uses_per_param.clear()
         self._pending.clear()
         self._clipped.clear()
+        self._announced.clear()
         self._released = 0
         self._callback_task = None
         if not self.examples_pinned:

@@ -93,3 +93,40 @@ def test_a_flat_group_split_by_a_reentrant_checkpoint_is_refused():
     ldp.make_private(ldp.strip_private(model), clipping="layer", max_grad_norm=1e-3)
     model(x).sum().backward()  # per-layer groups are whole in either part: accepted
     assert all(p.grad is not None for p in model.parameters())
+
+
+class CheckpointMiddle(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(checkpoint(lambda z: self.b(torch.tanh(self.a(z))), x, use_reentrant=False))
+
+
+def test_a_non_reentrant_recompute_is_not_counted_twice():
+    """The recomputed calls of a non-reentrant checkpoint were announced a second time, so the
+    groups of the checkpointed layers waited for calls that never came and were clipped only at
+    the end of the backward, holding their factors until then (and refused under FSDP, whose
+    gradients leave as soon as a unit's backward ends). Each per-layer group now finishes in its
+    own layer's backward, with the same result."""
+    import importlib
+
+    clipper_module = importlib.import_module("lightning_dp.engine.clipper")
+    torch.manual_seed(0)
+    model = CheckpointMiddle().double()
+    batch = torch.randn(5, 4, dtype=torch.float64)
+    private = ldp.make_private(copy.deepcopy(model), clipping="layer")
+    left = []
+    finish = clipper_module.Clipper._finish
+
+    def recording_finish(self):
+        left.append(sorted(self._uses))
+        finish(self)
+
+    clipper_module.Clipper._finish = recording_finish
+    try:
+        _exact(model, private, {"x": batch}, lambda m, b: m(b["x"]).pow(2).sum())
+    finally:
+        clipper_module.Clipper._finish = finish
+    assert left == [[]]
