@@ -331,25 +331,25 @@ class Clipper:
         if torch.compiler.is_compiling() or torch._C._current_graph_task_id() != -1:
             return
         if self._callback_task is not None:
-            self._uses.clear()
-            self._pending.clear()
-            self._announced.clear()
-            self._uses_per_param.clear()
-            self._released = 0
+            self._reset_backward()
         self._callback_task = None
         self._clipped.clear()
+
+    def _reset_backward(self) -> None:
+        """Forget everything one backward (and the forwards it belongs to) counted and held."""
+        self._uses.clear()
+        self._pending.clear()
+        self._clipped.clear()
+        self._announced.clear()
+        self._uses_per_param.clear()
+        self._released = 0
+        self._callback_task = None
 
     def _finish(self) -> None:
         """End of backward: finish groups some of whose calls got no gradient, then reset."""
         if self.require_prompt_finish and self._uses:
             late = sorted(self._uses)
-            self._uses.clear()
-            self._pending.clear()
-            self._clipped.clear()
-            self._announced.clear()
-            self._uses_per_param.clear()
-            self._released = 0
-            self._callback_task = None
+            self._reset_backward()
             raise RuntimeError(
                 f"lightning-dp: clipping groups {late} were still waiting for calls whose outputs "
                 "got no gradient when the backward ended; under FSDP their units' gradients were "
@@ -359,12 +359,7 @@ class Clipper:
         for group in list(self._uses):
             self._finalize(group)
         self.repeated.update(name for name, count in self._uses_per_param.items() if count > 1)
-        self._uses_per_param.clear()
-        self._pending.clear()
-        self._clipped.clear()
-        self._announced.clear()
-        self._released = 0
-        self._callback_task = None
+        self._reset_backward()
         if not self.examples_pinned:
             self.examples = None
         if self.plan_check is not None:
