@@ -267,7 +267,8 @@ class Clipper:
 
     def on_forward(self, site: Site) -> None:
         if torch._C._current_graph_task_id() == -1:
-            self._clipped.clear()  # left by a backward that raised; this is a new forward
+            if self._callback_task is not None:  # left by a backward that raised
+                self._reset_backward()
             self._announced[site.index] += 1
         elif self._announced[site.index] > 0:
             # recomputed inside the backward by a non-reentrant checkpoint: its forward counted
@@ -332,8 +333,6 @@ class Clipper:
             return
         if self._callback_task is not None:
             self._reset_backward()
-        self._callback_task = None
-        self._clipped.clear()
 
     def _reset_backward(self) -> None:
         """Forget everything one backward (and the forwards it belongs to) counted and held."""
