@@ -118,7 +118,8 @@ def add_noise_and_normalize(
 
     Call once per logical batch, after all micro-batches are accumulated. A parameter whose
     ``.grad`` is None (e.g. after an empty Poisson batch) gets a zero gradient first, so it
-    is still noised. Parameters with ``requires_grad=False`` are skipped. Low-precision grads
+    is still noised. A parameter with ``requires_grad=False`` is skipped unless it holds a
+    gradient (frozen after the backward: an optimizer still steps it). Low-precision grads
     (fp16/bf16) are noised and divided in float32, then rounded once.
 
     Args:
@@ -139,7 +140,7 @@ def add_noise_and_normalize(
            * _check_number("sensitivity", sensitivity, allow_zero=False))
     divisor = _check_number("expected_batch_size", expected_batch_size, allow_zero=False)
     for index, param in enumerate(params):
-        if not param.requires_grad:
+        if not param.requires_grad and param.grad is None:
             continue
         if param.grad is None:
             param.grad = torch.zeros_like(param)

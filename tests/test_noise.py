@@ -69,6 +69,15 @@ def test_empty_batch_creates_and_noises_missing_grads():
     assert _ks_pvalue(weight.flatten(), STD / 4.0) > 1e-3
 
 
+def test_a_frozen_parameter_holding_a_gradient_is_still_noised():
+    """Frozen after the backward, its gradient is still stepped by the optimizer: noise it."""
+    frozen = torch.nn.Parameter(torch.zeros(2000), requires_grad=False)
+    frozen.grad = torch.zeros(2000)
+    add_noise_and_normalize([frozen], noise_multiplier=SIGMA, sensitivity=SENSITIVITY,
+                            expected_batch_size=4.0, generator=make_noise_generator(1))
+    assert _ks_pvalue(frozen.grad, STD / 4.0) > 1e-3
+
+
 def test_noise_is_fresh_every_step_and_independent_across_ranks():
     generator = make_noise_generator(0, rank=0)
     step1, step2 = _noise(generator), _noise(generator)

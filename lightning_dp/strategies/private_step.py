@@ -149,7 +149,7 @@ class PrivateStepMixin:
                 (output["loss"] if isinstance(output, dict) else output).backward()
             self._later_micro_batches = []
             clipper_of(self.lightning_module).real_rows = None
-            self.private.refuse_unclipped_gradients(self.lightning_module)
+            self.private.refuse_unclipped_gradients(self.lightning_module, optimizer)
             if self.private.speed.compile and not self._compiled and clipper_of(self.lightning_module).stats:
                 # The first step that ran the model ran eagerly, where the leak guard sees any
                 # gradient that bypassed clipping (a compiled graph hands autograd clipped

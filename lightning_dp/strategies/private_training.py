@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.optim import Optimizer
 from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_dp.accounting import (
@@ -195,9 +196,11 @@ class PrivateTraining:
             f"({len(new.groups)} groups, sensitivity {sensitivity(module):.4g})."
         )
 
-    def refuse_unclipped_gradients(self, module: nn.Module) -> None:
+    def refuse_unclipped_gradients(self, module: nn.Module, optimizer: Optimizer | None = None) -> None:
         """Before noise and the optimizer step: every parameter holding a gradient must be one
-        the clipper wrote (a parameter outside the plan would be released unclipped)."""
+        the clipper wrote. A parameter outside the plan, or one the optimizer steps that is not
+        the module's at all (kept in a Python list or dict), would be released unclipped and
+        without noise."""
         planned = {id(p) for p in planned_parameters(module).values()}
         stray = [n for n, p in module.named_parameters() if p.grad is not None and id(p) not in planned]
         if stray:
@@ -207,6 +210,16 @@ class PrivateTraining:
                 "hand); releasing them would not be private. Nothing was released. Change "
                 "requires_grad between steps (e.g. in on_train_epoch_start), not inside "
                 "training_step."
+            )
+        outside = [] if optimizer is None else _outside_parameters(module, optimizer)
+        if outside:
+            raise PrivacyLeakError(
+                f"lightning-dp: the optimizer steps parameters that are not parameters of the "
+                f"{type(module).__name__} and hold gradients ({', '.join(outside)}): no clipping "
+                "group covers them and no noise is added to them, so releasing them would not be "
+                "private. Nothing was released. Register them on the module (submodules as "
+                "attributes or in nn.ModuleList/nn.ModuleDict rather than a Python list or dict, "
+                "tensors as nn.Parameter attributes), or leave them out of configure_optimizers."
             )
 
     def claim(self, module: nn.Module) -> None:
@@ -344,7 +357,9 @@ class PrivateTraining:
             )
         generator = self.noise_generator(rank, device)
         add_noise_and_normalize(
-            [p for p in module.parameters() if p.requires_grad],
+            # frozen after the backward (e.g. in on_after_backward) but holding a clipped
+            # gradient: the optimizer still steps it, so it is released and needs noise
+            [p for p in module.parameters() if p.requires_grad or p.grad is not None],
             noise_multiplier=sigma,
             sensitivity=sensitivity(module),  # the thresholds that clipped this step
             expected_batch_size=self.expected_batch_size,
@@ -432,3 +447,15 @@ def _adaptive_thresholds(privacy: PrivacySettings) -> AdaptiveThresholds | None:
             "thresholds='adaptive' to use them, or drop them (fixed thresholds are max_grad_norm)."
         )
     return None
+
+
+def _outside_parameters(module: nn.Module, optimizer: Optimizer) -> list[str]:
+    """The optimizer's parameters that hold a gradient but are not ``module``'s, as
+    "param_groups[i][j] (shape)" (they have no name in the module)."""
+    own = {id(p) for p in module.parameters()}
+    return [
+        f"param_groups[{i}]['params'][{j}] of shape {list(p.shape)}"
+        for i, group in enumerate(optimizer.param_groups)
+        for j, p in enumerate(group["params"])
+        if p.grad is not None and id(p) not in own
+    ]
