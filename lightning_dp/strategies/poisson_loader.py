@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.data import (
     DataLoader,
     DistributedSampler,
@@ -33,6 +33,21 @@ class EmptySafeCollate:
             return self.collate_fn(examples)
         one = self.collate_fn([self.dataset[0]])
         return tree_map(lambda t: t[:0] if isinstance(t, torch.Tensor) else t, one)
+
+
+def refuse_several_train_loaders(loaders: Any) -> None:
+    """One training DataLoader. Lightning zips several into one batch per step, so row i of
+    each loader's batch would be clipped together as one example (removing an example of one
+    loader re-pairs every later row), and each loader would be sampled and accounted alone."""
+    count = len(tree_leaves(loaders))
+    if count > 1:
+        raise ValueError(
+            f"lightning-dp trains on one training DataLoader, but fit was given {count} "
+            f"({type(loaders).__name__} of loaders). Lightning would combine their batches row by "
+            "row, and each combined row would be clipped as one example, which bounds no single "
+            "example's influence. Join the datasets into one (torch.utils.data.ConcatDataset, or "
+            "a Dataset that returns a dict per example) and pass one DataLoader."
+        )
 
 
 def sample_rate_of(dataloader: DataLoader) -> tuple[int, float]:

@@ -30,6 +30,7 @@ from lightning_dp.strategies.loss import empty_loss, summed_loss
 from lightning_dp.strategies.optimizers import evaluated_once, refuse_multi_evaluation_optimizer
 from lightning_dp.strategies.poisson_loader import (
     poisson_dataloader,
+    refuse_several_train_loaders,
     sample_rate_of,
     warn_if_sampler_overridden,
 )
@@ -63,6 +64,7 @@ class PrivateStepMixin:
         return poisson_dataloader(dataloader, sampler)
 
     def on_train_start(self) -> None:
+        refuse_several_train_loaders(self.lightning_module.trainer.train_dataloader)
         # after any checkpoint is restored: a model another Trainer trained privately is refused
         self.private.claim(self.lightning_module)
         super().on_train_start()

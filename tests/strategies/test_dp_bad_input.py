@@ -115,3 +115,36 @@ class Manual(Classifier):
 def test_manual_optimization_is_refused():
     with pytest.raises(ValueError, match=r"automatic optimization only"):
         _fit(model=Manual())
+
+
+class TwoDatasets(Classifier):
+    """One forward per loader, the two per-example losses added row by row."""
+
+    def training_step(self, batch, batch_idx):
+        (xa, ya), (xb, yb) = batch.values() if isinstance(batch, dict) else batch
+        return F.cross_entropy(self(xa), ya, reduction="none") + F.cross_entropy(self(xb), yb, reduction="none")
+
+
+@pytest.mark.parametrize("poisson", [True, False])
+@pytest.mark.parametrize("combine", [list, lambda loaders: dict(zip("ab", loaders))], ids=["list", "dict"])
+def test_several_train_loaders_are_refused(poisson, combine):
+    """Row i of each loader's batch would be clipped as one example: removing one example of a
+    loader re-pairs every later row (a probe measured 1.15 C)."""
+    model = TwoDatasets()
+    before = _untouched(model)
+    loaders = [DataLoader(toy_dataset(16, seed=s), batch_size=8) for s in (1, 2)]
+    strategy = lightning_dp.DPStrategy(noise_multiplier=1.0, poisson=poisson)
+    with pytest.raises(ValueError, match=r"one training DataLoader, but fit was given 2.*ConcatDataset"):
+        _fit(model, combine(loaders), strategy, max_steps=1)
+    assert strategy.private.ledger.steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+class Keyed(Classifier):
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch["only"], batch_idx)
+
+
+def test_one_train_loader_in_a_dict_trains():
+    t = _fit(Keyed(), {"only": DataLoader(toy_dataset(), batch_size=8)}, max_steps=2)
+    assert t.strategy.private.ledger.steps == 2
