@@ -125,6 +125,21 @@ class PrivacyLedger:
                 value_discretization_interval=self.value_discretization_interval)
         return self._cache[delta]
 
+    def epsilon_after(self, delta: float, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """Epsilon at ``delta`` once ``steps`` more DP-SGD steps at (``noise_multiplier``,
+        ``sample_rate``) are charged after the history (which stays unchanged): what a plan can
+        still afford when sigma or q differ from the steps already spent."""
+        runs = [(e.noise_multiplier, e.sample_rate, e.count) for e in self._history]
+        if steps > 0:
+            last = self._history[-1] if self._history else None
+            if last is not None and (last.kind, last.noise_multiplier, last.sample_rate) == (
+                    "step", noise_multiplier, sample_rate):
+                runs[-1] = (noise_multiplier, sample_rate, last.count + steps)  # one run, as charged
+            else:
+                runs.append((noise_multiplier, sample_rate, steps))
+        return epsilon_of_runs(runs, check_delta(delta, self.num_samples), accountant=self.accountant,
+                               value_discretization_interval=self.value_discretization_interval)
+
     @property
     def steps(self) -> int:
         """Number of DP-SGD steps charged so far."""

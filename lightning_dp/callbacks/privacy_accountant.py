@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_dp.accounting import PrivacyLedger, epsilon, noise_multiplier_for
+from lightning_dp.accounting import PrivacyLedger, noise_multiplier_for
 from lightning_dp.engine import clipper_of
 from lightning_dp.strategies.private_training import PrivateTraining
 
@@ -122,7 +122,7 @@ class PrivacyAccountant(Callback):
             ))
         sigma = private.effective_noise_multiplier
         if self.target_epsilon is not None:
-            private.max_steps = self._max_steps(sigma, q, int(min(planned, 10**9)))
+            private.max_steps = self._max_steps(private.ledger, sigma, q, int(min(planned, 10**9)))
         self.epsilon = private.ledger.epsilon(self.delta)
         counts = (f" (gradient sigma={private.privacy.noise_multiplier:.4g} with {private.num_counts} "
                   f"threshold counts at sigma_b={private.count_noise_multiplier:.4g})"
@@ -160,18 +160,20 @@ class PrivacyAccountant(Callback):
         ledger.load_state_dict(state)
         private.ledger = ledger
 
-    def _max_steps(self, sigma: float, q: float, planned: int) -> int:
-        """The most steps whose epsilon stays within the target (at least the planned ones when
-        sigma was calibrated for them)."""
-        def eps(steps: int) -> float:
-            return epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=self.delta,
-                           accountant=self.accountant)
+    def _max_steps(self, ledger: PrivacyLedger, sigma: float, q: float, planned: int) -> int:
+        """The most steps in all (the ledger's, then more at sigma and q) whose epsilon stays
+        within the target: at least the planned ones when sigma was calibrated for them. Steps
+        already spent count at their own sigma and q (a second fit may sample at another rate)."""
+        spent = ledger.steps
 
-        if sigma == 0:
-            return 0
+        def eps(steps: int) -> float:
+            return ledger.epsilon_after(self.delta, noise_multiplier=sigma, sample_rate=q, steps=steps - spent)
+
+        if sigma == 0 or eps(spent) > self.target_epsilon:
+            return spent
         if eps(planned) <= self.target_epsilon:
             return planned
-        lo, hi = 0, planned  # eps(lo) <= target < eps(hi)
+        lo, hi = spent, planned  # eps(lo) <= target < eps(hi)
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if eps(mid) <= self.target_epsilon else (lo, mid)

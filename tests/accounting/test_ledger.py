@@ -181,3 +181,20 @@ def test_bad_arguments(call, match):
 def test_bad_accountant():
     with pytest.raises(ValueError, match="`accountant`='prv'"):
         PrivacyLedger(accountant="prv")
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_epsilon_after_more_steps_composes_them_after_the_history(accountant):
+    ledger = PrivacyLedger(accountant=accountant)
+    ledger.step(noise_multiplier=1.0, sample_rate=0.5, num_steps=4)
+    after = ledger.epsilon_after(DELTA, noise_multiplier=1.0, sample_rate=0.05, steps=30)
+    charged = PrivacyLedger(accountant=accountant)
+    charged.load_state_dict(ledger.state_dict())
+    charged.step(noise_multiplier=1.0, sample_rate=0.05, num_steps=30)
+    assert after == pytest.approx(charged.epsilon(DELTA), rel=1e-9)
+    assert ledger.steps == 4  # the history is unchanged
+    # the same (sigma, q) as the history: one run, exactly epsilon() of all the steps
+    same = ledger.epsilon_after(DELTA, noise_multiplier=1.0, sample_rate=0.5, steps=6)
+    assert same == epsilon(noise_multiplier=1.0, sample_rate=0.5, steps=10, delta=DELTA, accountant=accountant)
+    # the steps spent at q = 0.5 cost more than the new rate would charge them
+    assert after > epsilon(noise_multiplier=1.0, sample_rate=0.05, steps=34, delta=DELTA, accountant=accountant)

@@ -10,6 +10,8 @@ import torch
 from dp_fixtures import Classifier, flat_params, lightning_dp, toy_dataset, trainer
 from torch.utils.data import DataLoader
 
+from lightning_dp.accounting import epsilon
+
 N, BATCH, DELTA = 96, 24, 1e-3  # 4 steps per epoch
 
 
@@ -61,3 +63,26 @@ def test_resuming_a_checkpoint_into_the_same_model_object_is_allowed(tmp_path):
     again = trainer(resumed, max_epochs=2)
     again.fit(model, _loader(), ckpt_path=path)
     assert resumed.private.ledger.steps == again.global_step == 8  # the checkpoint's ledger, continued
+
+
+def test_a_second_fit_at_another_sample_rate_stays_within_the_target():
+    """The steps already spent count at their own q: a second fit of the same Trainer with a
+    smaller batch used to plan as if all steps ran at the new q, and overran the target."""
+    torch.manual_seed(0)
+    model, target = Classifier(), 3.0
+    accountant = lightning_dp.PrivacyAccountant(target_epsilon=target, delta=DELTA, accountant="rdp")
+    strategy = lightning_dp.DPStrategy(noise_multiplier=1.5, seed=0)
+    fitted = trainer(strategy, [accountant], max_epochs=2)
+    fitted.fit(model, _loader())  # q = 1/4
+    ledger = strategy.private.ledger
+    spent = ledger.steps
+    assert spent == 8 and ledger.epsilon(DELTA) < target
+    fitted.fit_loop.max_epochs = 14
+    fitted.fit(model, DataLoader(toy_dataset(N), batch_size=8))  # q = 1/12, 12 steps per epoch
+    planned = 14 * 12  # Lightning's plan, which would fit the target if every step ran at q = 1/12
+    assert epsilon(noise_multiplier=1.5, sample_rate=8 / N, steps=planned, delta=DELTA, accountant="rdp") < target
+    ledger = strategy.private.ledger  # rebuilt at train start
+    assert spent < ledger.steps < planned  # stopped by the budget, not the plan
+    assert ledger.epsilon(DELTA) <= target
+    one_more = ledger.epsilon_after(DELTA, noise_multiplier=1.5, sample_rate=8 / N, steps=1)
+    assert one_more > target  # it stopped at the last step that fits
