@@ -4,7 +4,10 @@ Every rule and routing decision rests on assumptions about the model (which rows
 what a module's forward computes) and about the loss (that example i's loss depends on example
 i alone). A mismatch in any of them shows up as a per-example group norm that differs from the
 norm of the gradient of that example's loss taken alone. ``self_check`` compares the two for a
-few examples of a real batch, dropout off in both, before a single noisy step is released.
+few examples of a real batch, dropout off in both, before a single noisy step is released. The
+examples checked are spread over the batch (its first, its last, evenly between): a loss that
+mixes examples can look right for the first few (the hardest ones of a batch that trains only on
+its hardest, in a loader sorted by difficulty).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class SelfCheckReport:
     engine: dict[str, list[float]]
     reference: dict[str, list[float]]
     examples: int
+    #: their rows in the batch
+    rows: list[int]
 
 
 def self_check(
@@ -56,8 +61,8 @@ def self_check(
         model: a model rewritten by ``make_private``.
         loss_fn: ``loss_fn(model, batch)``: per-example losses of shape [B], or their sum.
         batch: a batch whose tensors hold examples along dim 0 (others are passed whole).
-        num_examples: how many of the batch's first examples to check (all are in the engine
-            pass, so a loss that mixes examples shows).
+        num_examples: how many of the batch's examples to check, spread over it (all are in
+            the engine pass, so a loss that mixes examples shows).
         rtol: relative tolerance on each norm (raise it under bf16/fp16).
 
     Gradients already in ``.grad``, adaptive-threshold counts and module training flags are
@@ -66,21 +71,23 @@ def self_check(
     state = _state(model)
     clipper = state.clipper
     size = _batch_size(batch)
-    checked = min(num_examples, size)
+    rows = checked_rows(size, num_examples)
     params = dict(model.named_parameters())
     with _quiet(model, state):
-        engine = _engine_norms(model, clipper, loss_fn, batch, size, checked)
+        engine = _engine_norms(model, clipper, loss_fn, batch, size, rows)
         reference: dict[str, list[float]] = {g: [] for g in clipper.groups}
         with clipper.disabled():
-            for i in range(checked):
+            for i in rows:
                 loss = _summed(loss_fn(model, _rows(batch, i, i + 1, size)))
-                names = [n for g in clipper.groups.values() for n in g.params]
+                # a parameter the loss function froze (inside training_step) gets no gradient,
+                # in the engine's pass too
+                names = [n for g in clipper.groups.values() for n in g.params if params[n].requires_grad]
                 grads = dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)))
                 for name, group in clipper.groups.items():
-                    total = sum(float(grads[n].double().pow(2).sum()) for n in group.params if grads[n] is not None)
+                    total = sum(float(grads[n].double().pow(2).sum()) for n in group.params if grads.get(n) is not None)
                     reference[name].append(math.sqrt(total))
-    _compare(engine, reference, rtol)
-    return SelfCheckReport(engine, reference, checked)
+    _compare(engine, reference, rtol, rows)
+    return SelfCheckReport(engine, reference, len(rows), rows)
 
 
 def self_check_across_ranks(
@@ -112,7 +119,8 @@ def self_check_across_ranks(
     if not holders:
         return None
     checks_here = dist.get_rank(group) == holders[0]
-    checked = min(num_examples, int(sizes[holders[0]]))
+    rows = checked_rows(int(sizes[holders[0]]), num_examples)
+    checked = len(rows)
     names = list(clipper.groups)
     params = dict(model.named_parameters())
     # A rank that only joins the collectives runs one row it holds, or one padding row (models
@@ -120,17 +128,17 @@ def self_check_across_ranks(
     stand_in = _rows(batch, 0, 1, size) if size else pad_batch(batch, 1)[0]
     with _quiet(model, state):
         if size:
-            mine = _engine_norms(model, clipper, loss_fn, batch, size, checked)
+            mine = _engine_norms(model, clipper, loss_fn, batch, size, rows)
         else:
             with _clipped_to_zero(clipper):
-                _engine_norms(model, clipper, loss_fn, stand_in, 1, 0)
+                _engine_norms(model, clipper, loss_fn, stand_in, 1, [])
             mine = {}
         engine = torch.tensor(
             [mine.get(g, [0.0] * checked) if checks_here else [0.0] * checked for g in names], dtype=torch.float64
         ).reshape(len(names), checked)
         dist.all_reduce(engine, group=group)  # only the checking rank's rows are non-zero
         squares = torch.zeros(len(names), checked, dtype=torch.float64)
-        for i in range(checked):
+        for k, i in enumerate(rows):
             for p in model.parameters():
                 p.grad = None
             if checks_here:
@@ -140,19 +148,28 @@ def self_check_across_ranks(
                 with _clipped_to_zero(clipper), clipper.pinned_examples(1):
                     _summed(loss_fn(model, stand_in)).backward()
             for index, name in enumerate(names):
-                squares[index, i] = sum(_local_square_sum(params[n].grad) for n in clipper.groups[name].params)
+                squares[index, k] = sum(_local_square_sum(params[n].grad) for n in clipper.groups[name].params)
         dist.all_reduce(squares, group=group)
     engine_norms = {g: engine[k].tolist() for k, g in enumerate(names)}
     reference = {g: squares[k].sqrt().tolist() for k, g in enumerate(names)}
-    _compare(engine_norms, reference, rtol)
-    return SelfCheckReport(engine_norms, reference, checked)
+    _compare(engine_norms, reference, rtol, rows)
+    return SelfCheckReport(engine_norms, reference, checked, rows)
 
 
-def _engine_norms(model: nn.Module, clipper: Any, loss_fn: LossFn, batch: Any, size: int, checked: int) -> dict[str, list[float]]:
-    """The engine's per-example group norms of the first ``checked`` examples, whole batch in."""
+def checked_rows(size: int, count: int) -> list[int]:
+    """``count`` rows of a batch of ``size`` spread over it: the first, the last, evenly between."""
+    if count >= size:
+        return list(range(size))
+    if count <= 1:
+        return [0][:count]
+    return sorted({round(k * (size - 1) / (count - 1)) for k in range(count)})
+
+
+def _engine_norms(model: nn.Module, clipper: Any, loss_fn: LossFn, batch: Any, size: int, rows: list[int]) -> dict[str, list[float]]:
+    """The engine's per-example group norms of examples ``rows``, whole batch in."""
     with clipper.pinned_examples(size):
         _summed(loss_fn(model, batch)).backward()
-    engine = {g: s.norms[:checked].double().tolist() for g, s in clipper.stats.items()}
+    engine = {g: s.norms[rows].double().tolist() for g, s in clipper.stats.items()}
     for p in model.parameters():
         p.grad = None
     return engine
@@ -176,13 +193,13 @@ def _local_square_sum(grad: Tensor | None) -> float:
     return float(local.double().pow(2).sum())
 
 
-def _compare(engine: dict[str, list[float]], reference: dict[str, list[float]], rtol: float) -> None:
+def _compare(engine: dict[str, list[float]], reference: dict[str, list[float]], rtol: float, rows: list[int]) -> None:
     scale = max([abs(v) for values in reference.values() for v in values if math.isfinite(v)] or [1.0])
     atol = 1e-6 * scale
     wrong = []
     for group, ref in reference.items():
         got = engine.get(group, [0.0] * len(ref))  # a group the batch never reached: norm 0
-        for i, (a, b) in enumerate(zip(got, ref)):
+        for i, a, b in zip(rows, got, ref):
             if not (math.isfinite(a) and math.isfinite(b)):
                 continue  # a non-finite example is zeroed by the clipper, not compared
             if abs(a - b) > rtol * max(abs(a), abs(b)) + atol:

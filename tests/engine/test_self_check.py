@@ -15,6 +15,7 @@ from zoo import ZOO, available, build
 
 import lightning as L
 import lightning_dp as ldp
+from lightning_dp.engine.self_check import checked_rows
 
 ZOO_CASES = [
     pytest.param(c, id=c.name, marks=pytest.mark.skipif(not available(c), reason=f"needs {c.needs}"))
@@ -74,6 +75,45 @@ def test_refuses_a_loss_that_mixes_examples():
         ldp.self_check(model, masked_mean, (x, y, mask))
     per_example = lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none") * b[2]  # noqa: E731
     ldp.self_check(model, per_example, (x, y, mask))  # the per-example form passes
+
+
+def test_checks_examples_spread_over_the_batch():
+    assert checked_rows(10, 3) == [0, 4, 9]  # 4.5 rounds half to even
+    assert checked_rows(2, 3) == [0, 1]
+    assert checked_rows(7, 1) == [0]
+
+
+def test_refuses_a_loss_of_the_hardest_examples_in_a_batch_sorted_hardest_first():
+    """Online hard-example mining written per example: only the batch's 3 largest losses train.
+    With the hardest examples first, the first three look right alone (a probe measured 1.6 C
+    for the released sum); the last example trains alone but not in the batch."""
+    torch.manual_seed(0)
+    model = ldp.make_private(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double())
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with torch.no_grad():
+        order = F.cross_entropy(model(x), y, reduction="none").argsort(descending=True)
+    x, y = x[order], y[order]
+
+    def hardest_three(m, batch):
+        losses = F.cross_entropy(m(batch[0]), batch[1], reduction="none")
+        return losses * (losses >= losses.detach().topk(min(3, len(losses))).values[-1])
+
+    with pytest.raises(ldp.SelfCheckError, match=r"example 7: engine 0, single-example pass"):
+        ldp.self_check(model, hardest_three, (x, y))  # rows 0, 4 and 7
+
+
+def test_a_layer_the_loss_freezes_is_left_out_of_both_passes():
+    """Freezing inside training_step (at the first step, where the check runs): the frozen
+    layer gets no gradient in either pass, instead of autograd's bare error."""
+    model = ldp.make_private(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
+
+    def freezing(m, x):
+        m[0].requires_grad_(False)
+        return m(x).pow(2).sum(1)
+
+    report = ldp.self_check(model, freezing, torch.randn(5, 4))
+    assert "0" not in report.engine and report.reference["0"] == [0.0, 0.0, 0.0]
+    assert min(report.reference["2"]) > 0
 
 
 def test_leaves_gradients_counts_and_modes_as_they_were():
