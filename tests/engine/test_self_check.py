@@ -3,8 +3,7 @@ that mix examples, and leaves the model as it found it."""
 
 from __future__ import annotations
 
-import copy
-
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +12,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 from zoo import ZOO, available, build
 
-import lightning as L
 import lightning_dp as ldp
 from lightning_dp.engine.self_check import checked_rows
 
@@ -73,7 +71,7 @@ def test_refuses_a_loss_that_mixes_examples():
 
     with pytest.raises(ldp.SelfCheckError, match="mixes examples"):
         ldp.self_check(model, masked_mean, (x, y, mask))
-    per_example = lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none") * b[2]  # noqa: E731
+    per_example = lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none") * b[2]
     ldp.self_check(model, per_example, (x, y, mask))  # the per-example form passes
 
 
