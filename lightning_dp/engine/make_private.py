@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 
 from lightning_dp.engine.clip_fns import ClipFn
@@ -31,6 +32,7 @@ from lightning_dp.engine.groups import (
 from lightning_dp.engine.validation import check_no_cross_example_layers
 from lightning_dp.rules import rules
 from lightning_dp.rules.norm_method import NormMethod
+from lightning_dp.rules.func_fallback import FuncFallbackRule
 from lightning_dp.rules.routing import RoutedRule
 
 ClippingStyle = Literal["flat", "layer", "unit"]
@@ -285,7 +287,10 @@ def _plan_sites(model: nn.Module, canonical: dict[int, str], fallback: bool):
 
     A module of a registered class runs through its rule; one whose class overrides the
     registered class's ``forward``, or that has no rule, keeps its own forward with its
-    parametric ops routed to the primitives (``rules/routing.py``).
+    parametric ops routed to the primitives (``rules/routing.py``). A parametrized module
+    (``weight_norm``, ``spectral_norm``) computes its weight from other parameters at every call,
+    so its class's rule would see a tensor that is no parameter: the torch.func fallback
+    recomputes it whole, or it is refused.
     """
     planned, covered, refused = [], [], []
     for path, module in model.named_modules():
@@ -293,7 +298,14 @@ def _plan_sites(model: nn.Module, canonical: dict[int, str], fallback: bool):
             continue
         direct = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
         rule = rules.lookup(module)
-        if rule is not None and not rules.keeps_own_forward(module):
+        if parametrize.is_parametrized(module):
+            names = [n for n, p in module.named_parameters() if p.requires_grad]
+            if not fallback:
+                refused.append((path, module, names))
+                continue
+            rule = FuncFallbackRule(covers_subtree=True)
+            covered.append(path)
+        elif rule is not None and not rules.keeps_own_forward(module):
             rule.validate(module, path or ROOT)
             names = rule.param_names(module)
             unhandled = sorted(set(direct) - set(names))
