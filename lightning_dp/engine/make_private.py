@@ -563,6 +563,7 @@ class _LeakGuard:
             f"Parameter `{self.name}` received a gradient that bypassed per-example clipping: it "
             "is used outside its module's forward (e.g. read directly in another module or in "
             "the loss). That gradient would be released without privacy. Use the parameter only "
-            "through its module, enable fallback=True for the module that reads it, or put "
-            "data-independent terms such as weight decay in the optimizer."
+            "through its module, or enable fallback=True when another module's forward reads it. "
+            "A term of the loss that reads parameters directly (an L2 penalty, a regulariser) "
+            "does not depend on the data: put it in the optimizer instead (weight_decay)."
         )

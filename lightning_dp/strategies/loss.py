@@ -125,6 +125,14 @@ def _denominator_of(node: object, batch_size: int) -> str | None:
 
 def summed_loss(loss: Tensor, batch_size: int, reduction: LossReduction) -> Tensor:
     """The sum over examples of the per-example losses that ``loss`` represents."""
+    if loss is None:
+        raise TypeError(
+            "training_step returned None, which Lightning reads as 'skip this batch'. Under "
+            "lightning-dp a batch cannot be skipped: it was drawn by Poisson sampling, which the "
+            "privacy accounting counts on, and each step releases its (noisy) update. Return the "
+            "loss for every batch; to leave examples out, give them loss 0 (multiply their "
+            "per-example losses by a 0/1 mask that depends on each example alone)."
+        )
     if not isinstance(loss, Tensor):
         raise TypeError(
             f"training_step returned {type(loss).__name__}; lightning-dp needs a loss tensor "

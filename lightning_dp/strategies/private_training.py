@@ -245,7 +245,9 @@ class PrivateTraining:
         if previous is not None:
             self.sampler.load_state_dict(self._continued_stream(previous))
         elif self._pending_state is not None and self._pending_state.get("sampler") is not None:
-            self.sampler.load_state_dict(self._pending_state["sampler"])
+            saved = self._pending_state["sampler"]
+            _refuse_other_data(saved, num_samples, sample_rate)
+            self.sampler.load_state_dict(saved)
         return self.sampler
 
     def _continued_stream(self, previous: PoissonBatchSampler) -> dict[str, Any]:
@@ -459,3 +461,19 @@ def _outside_parameters(module: nn.Module, optimizer: Optimizer) -> list[str]:
         for j, p in enumerate(group["params"])
         if p.grad is not None and id(p) not in own
     ]
+
+
+def _refuse_other_data(saved: Mapping[str, Any], num_samples: int, sample_rate: float) -> None:
+    """A resumed run samples the checkpoint's dataset at its rate: its stream and ledger continue
+    with them (the sampler would refuse too, in its own terms)."""
+    if (saved.get("num_samples"), saved.get("sample_rate")) == (num_samples, sample_rate):
+        return
+    n, q = saved.get("num_samples"), saved.get("sample_rate")
+    raise ValueError(
+        f"lightning-dp: the checkpoint was trained on N={n} examples with an expected batch of "
+        f"{q * n:g} (DataLoader batch_size, q={q:.4g}); this run has N={num_samples} and "
+        f"{sample_rate * num_samples:g} (q={sample_rate:.4g}). A resumed run continues the "
+        "checkpoint's sampling stream and privacy ledger, which hold only for the same data and "
+        "batch size: resume with those, or start a new run from the weights (load the "
+        "checkpoint's state_dict into the model and fit without ckpt_path)."
+    )

@@ -148,3 +148,18 @@ class Keyed(Classifier):
 def test_one_train_loader_in_a_dict_trains():
     t = _fit(Keyed(), {"only": DataLoader(toy_dataset(), batch_size=8)}, max_steps=2)
     assert t.strategy.private.ledger.steps == 2
+
+
+class SkipsBatches(Classifier):
+    def training_step(self, batch, batch_idx):
+        return None  # Lightning's "skip this batch"
+
+
+def test_skipping_a_batch_is_refused_saying_why():
+    model = SkipsBatches()
+    before = _untouched(model)
+    strategy = lightning_dp.DPStrategy(noise_multiplier=1.0)
+    with pytest.raises(TypeError, match=r"returned None.*cannot be skipped.*Poisson sampling.*loss 0"):
+        _fit(model, strategy=strategy, max_steps=1)
+    assert strategy.private.ledger.steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -45,6 +45,17 @@ def test_resuming_a_checkpoint_without_privacy_state_is_refused(tmp_path, source
     torch.testing.assert_close(flat_params(model), before, rtol=0, atol=0)  # not restored, not trained
 
 
+@pytest.mark.parametrize(("n", "batch"), [(N, 12), (2 * N, BATCH)], ids=["batch size", "dataset size"])
+def test_resuming_with_other_data_or_batch_size_says_what_differs(tmp_path, n, batch):
+    path = _checkpoint(tmp_path, private=True)
+    strategy = lightning_dp.DPStrategy(noise_multiplier=1.0, seed=0)
+    match = (rf"(?s)trained on N={N} examples with an expected batch of {BATCH} .*this run has N={n} and {batch} "
+             r".*start a new run from the weights")
+    with pytest.raises(ValueError, match=match):
+        trainer(strategy, max_steps=8).fit(Classifier(), DataLoader(toy_dataset(n), batch_size=batch), ckpt_path=path)
+    assert strategy.private.ledger.steps == 4  # the checkpoint's, nothing more
+
+
 def test_pretrained_weights_start_a_fresh_private_run(tmp_path):
     path = _checkpoint(tmp_path, private=False)
     model = Classifier()
