@@ -152,6 +152,7 @@ class PrivateStepMixin:
             self._later_micro_batches = []
             clipper_of(self.lightning_module).real_rows = None
             self.private.refuse_unclipped_gradients(self.lightning_module, optimizer)
+            self.private.changed_buffers.check(self.lightning_module)
             if self.private.speed.compile and not self._compiled and clipper_of(self.lightning_module).stats:
                 # The first step that ran the model ran eagerly, where the leak guard sees any
                 # gradient that bypassed clipping (a compiled graph hands autograd clipped

@@ -40,6 +40,7 @@ from lightning_dp.engine.clip_fns import ClipFn
 from lightning_dp.engine.make_private import ThresholdMode
 from lightning_dp.noise import add_noise_and_normalize, make_noise_generator
 from lightning_dp.rules.norm_method import NormMethod
+from lightning_dp.strategies.buffers import ChangedBuffers
 from lightning_dp.strategies.loss import LossReduction
 from lightning_dp.strategies.ownership import claim
 from lightning_dp.thresholds import (
@@ -147,6 +148,8 @@ class PrivateTraining:
         self.pending_self_check = self_check
         #: the adaptive thresholds' state (None with fixed thresholds)
         self.adaptive = _adaptive_thresholds(privacy)
+        #: buffers that change between steps are released without noise: warned about
+        self.changed_buffers = ChangedBuffers()
         self.sampler: PoissonBatchSampler | None = None
         self.num_samples: int | None = None
         self.sample_rate: float | None = None

@@ -105,3 +105,42 @@ def test_a_parameter_frozen_after_the_backward_is_noised_and_normalised():
     assert noise.numel() == 8 * 16 + 16
     assert 0.8 < float(noise.std()) / std < 1.2  # 144 draws: the ratio's sd is about 0.06
     assert not noisy.net[0].weight.requires_grad  # the user's freeze stands
+
+
+class Centering(Classifier):
+    """DINO-style centring: a buffer holding a running mean of the batch's outputs, subtracted
+    from the logits of later steps (a probe measured releases that move with an example that
+    was not sampled, and the buffer itself saved without noise)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("center", torch.zeros(3))
+        self.register_buffer("static", torch.ones(3))  # never written: no warning
+
+    def forward(self, x):
+        return self.net(x) - self.center + 0 * self.static
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        with torch.no_grad():
+            self.center.mul_(0.9).add_(0.1 * self(batch[0]).mean(0))
+
+
+def test_a_buffer_computed_from_the_data_is_warned_about():
+    with pytest.warns(UserWarning, match=r"buffers \['center'\] of the Centering changed during training.*without noise"):
+        _fit_steps(Centering(), 3)
+
+
+class StaticCentering(Centering):
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        pass
+
+
+def test_no_warning_when_no_buffer_changes(recwarn):
+    _fit_steps(Classifier(), 3)
+    _fit_steps(StaticCentering(), 3)
+    assert not [w for w in recwarn if "changed during training" in str(w.message)]
+
+
+def _fit_steps(model, steps):
+    dp = lightning_dp.DPStrategy(noise_multiplier=1.0, max_grad_norm=C, seed=0)
+    trainer(dp, max_steps=steps).fit(model, DataLoader(toy_dataset(N), batch_size=BATCH))
