@@ -128,7 +128,7 @@ def self_check_across_ranks(
     stand_in = _rows(batch, 0, 1, size) if size else pad_batch(batch, 1)[0]
     with _quiet(model, state):
         if size:
-            mine = _engine_norms(model, clipper, loss_fn, batch, size, rows)
+            mine = _engine_norms(model, clipper, loss_fn, batch, size, rows if checks_here else [])
         else:
             with _clipped_to_zero(clipper):
                 _engine_norms(model, clipper, loss_fn, stand_in, 1, [])
