@@ -17,18 +17,34 @@ class ChangedBuffers:
     the user can tell the two apart, so this warns instead of refusing.
     """
 
+    #: the module tree is walked again every this many checks (buffers registered later)
+    REWALK = 100
+
     def __init__(self) -> None:
         self._last: dict[str, tuple[int, int]] = {}
         self._warned: set[str] = set()
+        self._owners: list[tuple[str, nn.Module, str]] = []
+        self._root: nn.Module | None = None
+        self._checks = 0
 
     def check(self, module: nn.Module) -> None:
-        """Call once per step, before the release; compares with the previous step."""
+        """Call once per step, before the release; compares with the previous step. Each
+        buffer is looked up in its owner's ``_buffers`` (a replaced one is seen), without a
+        walk of the whole module tree at every step."""
+        if self._checks % self.REWALK == 0 or module is not self._root:
+            self._root = module
+            self._owners = [(f"{path}.{name}" if path else name, owner, name)
+                            for path, owner in module.named_modules() for name in owner._buffers]
+        self._checks += 1
         changed = []
-        for name, buffer in module.named_buffers():
+        for full_name, owner, name in self._owners:
+            buffer = owner._buffers.get(name)
+            if buffer is None:
+                continue
             seen = (id(buffer), buffer._version)  # replaced, or changed in place
-            if self._last.get(name, seen) != seen and name not in self._warned:
-                changed.append(name)
-            self._last[name] = seen
+            if self._last.get(full_name, seen) != seen and full_name not in self._warned:
+                changed.append(full_name)
+            self._last[full_name] = seen
         if changed:
             self._warned.update(changed)
             rank_zero_warn(

@@ -214,7 +214,7 @@ class PrivateTraining:
                 "requires_grad between steps (e.g. in on_train_epoch_start), not inside "
                 "training_step."
             )
-        outside = [] if optimizer is None else _outside_parameters(module, optimizer)
+        outside = [] if optimizer is None else _outside_parameters(planned, optimizer)
         if outside:
             raise PrivacyLeakError(
                 f"lightning-dp: the optimizer steps parameters that are not parameters of the "
@@ -454,15 +454,15 @@ def _adaptive_thresholds(privacy: PrivacySettings) -> AdaptiveThresholds | None:
     return None
 
 
-def _outside_parameters(module: nn.Module, optimizer: Optimizer) -> list[str]:
-    """The optimizer's parameters that hold a gradient but are not ``module``'s, as
-    "param_groups[i][j] (shape)" (they have no name in the module)."""
-    own = {id(p) for p in module.parameters()}
+def _outside_parameters(planned: set[int], optimizer: Optimizer) -> list[str]:
+    """The optimizer's parameters that hold a gradient the clipper did not write, as
+    "param_groups[i]['params'][j] (shape)": once the module's own strays are refused, those are
+    not the module's (they have no name in it)."""
     return [
         f"param_groups[{i}]['params'][{j}] of shape {list(p.shape)}"
         for i, group in enumerate(optimizer.param_groups)
         for j, p in enumerate(group["params"])
-        if p.grad is not None and id(p) not in own
+        if p.grad is not None and id(p) not in planned
     ]
 
 
