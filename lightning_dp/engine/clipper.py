@@ -270,13 +270,19 @@ class Clipper:
             if self._callback_task is not None:  # left by a backward that raised
                 self._reset_backward()
             self._announced[site.index] += 1
-        elif self._announced[site.index] > 0:
-            # recomputed inside the backward by a non-reentrant checkpoint: its forward counted
-            # this call already, and counting it twice would hold its groups to the backward's end
-            self._announced[site.index] -= 1
-            return
-        elif not self._clipped.isdisjoint(site.groups):
-            self._refuse_split(site)
+        else:  # recomputed inside the backward by an activation checkpoint
+            # The backward running now is the outer one (a reentrant checkpoint runs its
+            # segment's backward nested, after this): the end-of-backward callback belongs to
+            # it, or it would fire after the first segment and clip a group spanning segments
+            # in parts.
+            self._queue_finish_callback()
+            if self._announced[site.index] > 0:
+                # non-reentrant: its forward counted this call already, and counting it twice
+                # would hold its groups to the backward's end
+                self._announced[site.index] -= 1
+                return
+            if not self._clipped.isdisjoint(site.groups):
+                self._refuse_split(site)
         for group in site.groups:
             self._pending[group] += 1
 
@@ -288,7 +294,9 @@ class Clipper:
             "reentrant activation checkpoint (torch.utils.checkpoint(..., use_reentrant=True)) "
             "are counted only when they are recomputed, so a group whose other calls all come "
             "later in the forward is clipped in parts, each part to the full threshold. Use "
-            "use_reentrant=False, or per-layer clipping (clipping='layer')."
+            "use_reentrant=False (HF: model.gradient_checkpointing_enable("
+            "gradient_checkpointing_kwargs={'use_reentrant': False})), or per-layer clipping "
+            "(clipping='layer')."
         )
 
     def on_backward(self, site: Site, use: GradUse) -> None:

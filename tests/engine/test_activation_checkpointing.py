@@ -38,6 +38,26 @@ def test_hf_gradient_checkpointing_is_exact(case, reentrant):
     _exact(model, ldp.make_private(copy.deepcopy(model)), batch, case.loss)
 
 
+LORA = [c for c in ZOO if c.name in ("lora_llama", "lora_gpt2")]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=pytest.mark.skipif(not available(c), reason="needs peft")) for c in LORA])
+def test_flat_lora_under_hf_reentrant_checkpointing_is_refused(case):
+    """Only the adapters train, and every one is inside a checkpointed layer, so the first
+    clipped call came from a segment's nested backward: the end-of-backward callback was queued
+    there and fired after that segment, and the flat group was clipped once per layer (a probe
+    measured sqrt(layers) C). Non-reentrant checkpointing stays exact."""
+    model, batch = build(case)
+    model.train()
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    private = ldp.make_private(copy.deepcopy(model), clipping="flat")
+    with pytest.raises(RuntimeError, match=r"(?s)\.0\..*lora_A.*called inside the backward.*'use_reentrant': False"):
+        case.loss(private, batch).backward()
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _exact(model, ldp.make_private(copy.deepcopy(model), clipping="flat"), batch, case.loss)
+
+
 class Checkpointed(nn.Module):
     """torch.utils.checkpoint around each block, as hand-written models do."""
 
