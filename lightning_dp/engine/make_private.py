@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,8 +32,8 @@ from lightning_dp.engine.groups import (
 )
 from lightning_dp.engine.validation import check_no_cross_example_layers
 from lightning_dp.rules import rules
-from lightning_dp.rules.norm_method import NormMethod
 from lightning_dp.rules.func_fallback import FuncFallbackRule
+from lightning_dp.rules.norm_method import NormMethod
 from lightning_dp.rules.routing import RoutedRule
 
 ClippingStyle = Literal["flat", "layer", "unit"]
@@ -382,6 +383,11 @@ def first_batch_dim(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
+def _from_transformers(module: nn.Module) -> bool:
+    """A Hugging Face model (or a peft wrapper of one), without importing either."""
+    return type(module).__module__.split(".")[0] in ("transformers", "peft")
+
+
 class _CountExamples:
     """Forward pre-hook on the root model: each call of it starts a forward over this many
     examples (unless a strategy has pinned the count to its micro-batch), with the trainable
@@ -389,6 +395,7 @@ class _CountExamples:
 
     def __init__(self, clipper: Clipper, batch_size_fn: BatchSizeFn) -> None:
         self.clipper, self.batch_size_fn = clipper, batch_size_fn
+        self.warned_labels = False
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         clipper = self.clipper
@@ -396,7 +403,20 @@ class _CountExamples:
         if not torch.compiler.is_compiling():
             clipper.expanded.clear()
         if clipper.examples_pinned or not (clipper.enabled and torch.is_grad_enabled()):
-            return  # pinned: a strategy runs the step, and re-plans trainable parameters itself
+            return  # pinned: a strategy runs the step (and refuses a loss that mixes examples)
+        if kwargs.get("labels") is not None and not self.warned_labels and _from_transformers(module):
+            self.warned_labels = True
+            warnings.warn(
+                f"lightning-dp: {type(module).__name__} was called with labels=, so its `loss` is "
+                "Hugging Face's mean over the batch's tokens (or examples). Its denominator is "
+                "counted from the whole batch, so each example's gradient depends on the others "
+                "and clipping does not bound one example's influence (a probe measured 1.02 S "
+                "removing one example). Backpropagate per-example losses summed over the batch "
+                "instead, e.g. lightning_dp.losses.sequence_cross_entropy(out.logits[:, :-1], "
+                "labels[:, 1:]).sum() for a causal LM (-100 at padding); lightning_dp.self_check "
+                "tests a loss function.",
+                stacklevel=2,
+            )
         if not torch.compiler.is_compiling():
             refuse_unplanned_trainable(module)
         elif clipper.id is None:  # plain torch.compile; lightning_dp.compile checks outside

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import warnings
 
 import pytest
 import torch
@@ -309,3 +311,21 @@ def test_a_layer_unfrozen_after_make_private_and_called_directly_stops_the_step(
     model[0].requires_grad_(True)
     with pytest.raises(ldp.PrivacyLeakError, match=r"\['0.weight', '0.bias'\] became trainable after.*do not step"):
         model[2](model[1](model[0](x))).sum().backward()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_hf_labels_loss_is_warned_about_once():
+    """HF's own loss (labels=) is a mean over the batch's tokens: its denominator mixes examples
+    (a probe measured 1.02 S removing one). The raw engine cannot see the loss, so it says so
+    at the forward; the strategies refuse such a loss by analysing it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = ldp.make_private(GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16)))
+    ids = torch.randint(0, 50, (3, 8))
+    model(input_ids=ids).logits.sum().backward()  # no labels: no warning
+    with pytest.warns(UserWarning, match=r"GPT2LMHeadModel was called with labels=.*mean over the batch's tokens"):
+        model(input_ids=ids, labels=ids).loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(input_ids=ids, labels=ids).loss.backward()  # once per model
