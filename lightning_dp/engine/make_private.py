@@ -298,6 +298,14 @@ def _plan_sites(model: nn.Module, canonical: dict[int, str], fallback: bool):
         if any(path == c or path.startswith(c + ".") for c in covered):
             continue
         direct = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if direct and isinstance(module, (nn.ParameterDict, nn.ParameterList)):
+            raise ValueError(
+                f"make_private: `{path}` ({type(module).__name__}) holds trainable parameters "
+                f"{direct}, and a parameter container has no forward: another module's "
+                "forward reads them (peft's LoRA on an embedding layer, IA3), and lightning-dp "
+                "cannot attribute those reads to examples, with or without fallback=True. Freeze "
+                "them (requires_grad_(False)), or adapt linear layers only (LoRA target_modules)."
+            )
         rule = rules.lookup(module)
         if parametrize.is_parametrized(module):
             names = [n for n, p in module.named_parameters() if p.requires_grad]

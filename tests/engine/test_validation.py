@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from torch import nn
@@ -192,3 +194,20 @@ def test_making_private_twice_is_refused():
     model = ldp.make_private(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="strip_private"):
         ldp.make_private(model)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft")
+@pytest.mark.parametrize("adapter", ["lora_embedding", "ia3"])
+def test_trainable_parameter_containers_are_refused_at_make_private(adapter):
+    """peft keeps LoRA-on-embedding and IA3 weights in ParameterDicts that the parent's forward
+    reads: their gradients used to reach the leak guard, whose hint (fallback=True) did not help."""
+    from peft import IA3Config, LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    base = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16))
+    config = (LoraConfig(r=2, target_modules=["wte"]) if adapter == "lora_embedding"
+              else IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"]))
+    model = get_peft_model(base, config)
+    for fallback in (False, True):
+        with pytest.raises(ValueError, match=r"\(ParameterDict\) holds trainable parameters \['default'\].*target_modules"):
+            ldp.make_private(model, fallback=fallback)
