@@ -78,6 +78,30 @@ def sample_rate_of(dataloader: DataLoader) -> tuple[int, float]:
     return num_samples, min(1.0, batch_size / num_samples)
 
 
+def fixed_batches_rate(dataloader: DataLoader, num_samples: int, world_size: int) -> float:
+    """q for ``poisson=False`` on ``world_size`` devices: a logical batch is every device's batch.
+    Each device must hold its own share of the data, each example once: Lightning's
+    DistributedSampler pads a dataset that does not split evenly by repeating examples, and
+    one example in two rows of a step has twice the sensitivity the noise is scaled to."""
+    sampler = dataloader.sampler
+    if world_size > 1 and not isinstance(sampler, DistributedSampler):
+        raise ValueError(
+            f"poisson=False on {world_size} devices needs each device to train on its own share of "
+            f"the data, but the train dataloader's sampler is {type(sampler).__name__}: every "
+            "device would see the same examples, each released once per device. Keep Lightning's "
+            "use_distributed_sampler=True, or use Poisson sampling (poisson=True)."
+        )
+    if world_size > 1 and num_samples % world_size and not sampler.drop_last:
+        raise ValueError(
+            f"poisson=False on {world_size} devices with N={num_samples} examples: "
+            f"DistributedSampler evens out the devices by repeating {world_size - num_samples % world_size} "
+            "example(s), so those are released twice in a step, with twice the sensitivity the "
+            f"noise is scaled to. Make N a multiple of {world_size} (drop examples), or use Poisson "
+            "sampling (poisson=True), which splits the data without repeating any."
+        )
+    return min(1.0, world_size * dataloader.batch_size / num_samples)
+
+
 def warn_if_sampler_overridden(dataloader: DataLoader, sample_rate: float) -> None:
     """Warn when Poisson sampling replaces a sampler that meant more than a random order.
 

@@ -29,6 +29,7 @@ from lightning_dp.strategies.checkpoints import (
 from lightning_dp.strategies.loss import empty_loss, summed_loss
 from lightning_dp.strategies.optimizers import evaluated_once, refuse_multi_evaluation_optimizer
 from lightning_dp.strategies.poisson_loader import (
+    fixed_batches_rate,
     poisson_dataloader,
     refuse_several_train_loaders,
     sample_rate_of,
@@ -53,12 +54,14 @@ class PrivateStepMixin:
         if trainer.state.stage != RunningStage.TRAINING or not isinstance(dataloader, DataLoader):
             return super().process_dataloader(dataloader)
         num_samples, sample_rate = sample_rate_of(dataloader)
+        rank, world_size = self.data_parallel_rank_and_size()
         if not self.private.privacy.poisson:
+            # the expected batch divides the step's sum over every device's batch
+            sample_rate = fixed_batches_rate(dataloader, num_samples, world_size)
             self.private.num_samples, self.private.sample_rate = num_samples, sample_rate
             self.private.fix_physical_batch_size()
             return dataloader
         warn_if_sampler_overridden(dataloader, sample_rate)
-        rank, world_size = self.data_parallel_rank_and_size()
         sampler = self.private.make_sampler(num_samples, sample_rate, rank, world_size)
         self.private.fix_physical_batch_size(world_size)
         return poisson_dataloader(dataloader, sampler)

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dp_fixtures import Classifier, toy_dataset, trainer
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 import lightning_dp
+from lightning_dp.strategies.poisson_loader import fixed_batches_rate
 
 
 class Unsized(Dataset):
@@ -163,3 +164,22 @@ def test_skipping_a_batch_is_refused_saying_why():
         _fit(model, strategy=strategy, max_steps=1)
     assert strategy.private.ledger.steps == 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def _loader_on(world_size: int, n: int, drop_last: bool = False, distributed: bool = True) -> DataLoader:
+    sampler = DistributedSampler(toy_dataset(n), num_replicas=world_size, rank=0, shuffle=False,
+                                 drop_last=drop_last) if distributed else None
+    return DataLoader(toy_dataset(n), batch_size=2, sampler=sampler)
+
+
+def test_fixed_batches_on_several_devices_repeat_no_example():
+    """poisson=False under dp_fsdp: Lightning's DistributedSampler pads N=7 over 2 ranks by
+    repeating an example, which a probe saw released twice in one step (1.4 S leave-one-out)."""
+    with pytest.raises(ValueError, match=r"poisson=False on 2 devices with N=7.*repeating 1 example"):
+        fixed_batches_rate(_loader_on(2, 7), 7, 2)
+    with pytest.raises(ValueError, match=r"sampler is SequentialSampler: every device would see the same examples"):
+        fixed_batches_rate(_loader_on(2, 8, distributed=False), 8, 2)
+    # the logical batch is every device's batch: the expected batch size divides their sum
+    assert fixed_batches_rate(_loader_on(2, 8), 8, 2) == 0.5
+    assert fixed_batches_rate(_loader_on(2, 7, drop_last=True), 7, 2) == 4 / 7
+    assert fixed_batches_rate(_loader_on(1, 7, distributed=False), 7, 1) == 2 / 7
