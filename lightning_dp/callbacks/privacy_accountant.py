@@ -52,7 +52,8 @@ class PrivacyAccountant(Callback):
         delta: the delta of (epsilon, delta)-DP; default ``1 / (10 N)``, well below 1/N.
         accountant: ``"pld"`` (tight) or ``"rdp"`` (faster, looser).
         log_every_n_steps: epsilon is recomputed at least this often (default: the Trainer's),
-            and at every step while that is cheap (under 20 ms or 5% of a step).
+            at every step while that is cheap (under 20 ms, or 5% of the time since the last
+            recompute), and at the last planned step.
         log_clip_fraction: also log ``dp/clip_fraction/<group>``, the raw fraction of the last
             micro-batch's examples whose norm exceeded the threshold. It is computed from the
             data without noise, so logs that hold it are NOT covered by the DP guarantee: a
@@ -82,7 +83,7 @@ class PrivacyAccountant(Callback):
         self.accountant = accountant
         self.log_every_n_steps = log_every_n_steps
         self._planned = 0
-        self._refresh_seconds, self._last_step_end = 0.0, time.perf_counter()
+        self._refresh_seconds, self._last_refresh_end = 0.0, time.perf_counter()
         self.log_clip_fraction = log_clip_fraction
         self.epsilon: float = 0.0
 
@@ -186,11 +187,12 @@ class PrivacyAccountant(Callback):
         steps = private.ledger.steps
         stop = private.max_steps is not None and steps >= private.max_steps
         every = self.log_every_n_steps or trainer.log_every_n_steps
-        if stop or steps % every == 0 or steps == 1 or self._cheap_to_refresh():
+        last = steps >= self._planned
+        if stop or last or steps % every == 0 or steps == 1 or self._cheap_to_refresh():
             started = time.perf_counter()
             self.epsilon = private.ledger.epsilon(self.delta)
-            self._refresh_seconds = time.perf_counter() - started
-        self._last_step_end = time.perf_counter()
+            self._last_refresh_end = time.perf_counter()
+            self._refresh_seconds = self._last_refresh_end - started
         pl_module.log("epsilon", self.epsilon, prog_bar=True, on_step=True, on_epoch=False)
         pl_module.log("dp/sigma", float(private.privacy.noise_multiplier), on_step=True, on_epoch=False)
         if private.adaptive is not None:
@@ -217,10 +219,11 @@ class PrivacyAccountant(Callback):
             trainer.should_stop = True
 
     def _cheap_to_refresh(self) -> bool:
-        """Recompute epsilon at every step (for the progress bar) while that costs under 20 ms
-        or 5% of a step; a long PLD history falls back to every ``log_every_n_steps``."""
-        step_seconds = time.perf_counter() - self._last_step_end
-        return self._refresh_seconds < max(_CHEAP_SECONDS, 0.05 * step_seconds)
+        """Recompute epsilon (for the progress bar) while that costs under 20 ms, or 5% of the
+        time since the last recompute: a slow PLD answer is refreshed less often, never left
+        stale for a whole run of short steps (it used to wait for ``log_every_n_steps``)."""
+        since = time.perf_counter() - self._last_refresh_end
+        return self._refresh_seconds < max(_CHEAP_SECONDS, 0.05 * since)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
