@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.metadata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -52,7 +52,7 @@ def privacy_card(trainer: pl.Trainer, *, delta: float | None = None) -> dict[str
         num_samples=private.num_samples,
         sample_rate=private.accounted_sample_rate,
         thresholds=group_thresholds(trainer.lightning_module),
-        trained=_trained(trainer.lightning_module),
+        trained=_trained(trainer.lightning_module, private.trained),
     )
 
 
@@ -89,10 +89,12 @@ def privacy_card_from_checkpoint(
     privacy.noise_multiplier = state["noise_multiplier"]
     privacy.count_noise_multiplier = state.get("count_noise_multiplier", privacy.count_noise_multiplier)
     adaptive = state.get("thresholds")  # adaptive thresholds: the last row of their history
-    planned = _planned(model, privacy)
+    # What the run trained and the thresholds in force, as saved; checkpoints from before they
+    # were saved: ``privacy`` applied to ``model`` as it is now (its requires_grad flags)
+    planned = _planned(model, privacy) if "trained_parameters" not in state else model
     thresholds = (
         dict(zip(adaptive["groups"], adaptive["history"][-1].tolist())) if adaptive is not None
-        else group_thresholds(planned)
+        else state.get("thresholds_in_force") or group_thresholds(planned)
     )
     return make_card(
         privacy=privacy,
@@ -101,7 +103,7 @@ def privacy_card_from_checkpoint(
         num_samples=num_samples,
         sample_rate=sample_rate if privacy.poisson else 1.0,
         thresholds=thresholds,
-        trained=_trained(planned),
+        trained=_trained(planned, state.get("trained_parameters", ())),
     )
 
 
@@ -193,14 +195,17 @@ def _planned(model: nn.Module, privacy: PrivacySettings) -> nn.Module:
     )
 
 
-def _trained(model: nn.Module) -> dict[str, Any]:
-    """The parameters clipped and noised (the trained ones), and how much of the model they are."""
-    trained = planned_parameters(model)
-    total = sum(p.numel() for p in model.parameters())
+def _trained(model: nn.Module, trained_names: Iterable[str] = ()) -> dict[str, Any]:
+    """The parameters clipped and noised (the trained ones), and how much of the model they are:
+    those ``trained_names`` (every plan of the run, as the strategy recorded them: a layer
+    unfrozen, or frozen, part-way was trained too) and those planned in ``model`` now."""
+    params = dict(model.named_parameters())
+    names = set(trained_names) | (set(planned_parameters(model)) if is_private(model) else set())
+    count = sum(params[n].numel() for n in names if n in params)
     return {
-        "trained_parameters": sorted(trained),
-        "trained_parameter_count": sum(p.numel() for p in trained.values()),
-        "frozen_parameter_count": total - sum(p.numel() for p in trained.values()),
+        "trained_parameters": sorted(names),
+        "trained_parameter_count": count,
+        "frozen_parameter_count": sum(p.numel() for p in params.values()) - count,
     }
 
 

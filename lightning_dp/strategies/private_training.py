@@ -30,6 +30,7 @@ from lightning_dp.data import PoissonBatchSampler
 from lightning_dp.engine import (
     PrivacyLeakError,
     clipper_of,
+    group_thresholds,
     is_private,
     make_private,
     planned_parameters,
@@ -150,6 +151,10 @@ class PrivateTraining:
         self.adaptive = _adaptive_thresholds(privacy)
         #: buffers that change between steps are released without noise: warned about
         self.changed_buffers = ChangedBuffers()
+        #: every parameter any plan of this run clipped and noised (the privacy card's), and
+        #: the thresholds of the plan in force
+        self.trained: set[str] = set()
+        self.thresholds_in_force: dict[str, float] = {}
         self.sampler: PoissonBatchSampler | None = None
         self.num_samples: int | None = None
         self.sample_rate: float | None = None
@@ -173,6 +178,8 @@ class PrivateTraining:
             clipper_of(module).plan_check = None
         if self.adaptive is not None:
             self.adaptive.attach(clipper_of(module))
+        self.trained.update(planned_parameters(module))
+        self.thresholds_in_force = group_thresholds(module)
 
     def follow_trainable_parameters(self, module: nn.Module) -> None:
         """Re-plan the clipping groups when parameters were frozen or unfrozen since setup
@@ -392,6 +399,8 @@ class PrivateTraining:
             "noise_multiplier": self.privacy.noise_multiplier,
             "count_noise_multiplier": self.privacy.count_noise_multiplier,
             "thresholds": self.adaptive.state_dict() if self.adaptive is not None else None,
+            "trained_parameters": sorted(self.trained),
+            "thresholds_in_force": dict(self.thresholds_in_force),
             "ledger": self.ledger.state_dict(),
             # every logical batch trained on is one ledger step; batches prefetched beyond it
             # are drawn again after a resume
@@ -423,6 +432,7 @@ class PrivateTraining:
             self.privacy.count_noise_multiplier = state["count_noise_multiplier"]
             self.adaptive.load_state_dict(saved)
         self.ledger.load_state_dict(state["ledger"])
+        self.trained.update(state.get("trained_parameters", ()))  # older checkpoints lack it
         self._pending_state = state
         if self.sampler is not None and state.get("sampler") is not None:
             self.sampler.load_state_dict(state["sampler"])

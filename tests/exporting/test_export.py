@@ -142,3 +142,35 @@ def test_card_records_which_parameters_were_trained(tmp_path):
     fresh.net[0].requires_grad_(False)
     saved = privacy_card_from_checkpoint(torch.load(ckpt, weights_only=False), fresh, strategy.private.privacy)
     assert saved == live
+
+
+class UnfreezeAtEpochOne(Classifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net[0].requires_grad_(False)
+
+    def on_train_epoch_start(self):
+        if self.current_epoch == 1:
+            self.net[0].requires_grad_(True)
+
+
+@pytest.mark.parametrize("after", ["unchanged", "frozen again"])
+def test_card_lists_a_layer_unfrozen_part_way_from_the_checkpoint_too(tmp_path, after):
+    """A probe built the card from a checkpoint with the layer frozen as the model's __init__
+    leaves it: it listed only net.2, with sensitivity C instead of C sqrt(2). The strategy now
+    records what every plan of the run trained, and the thresholds in force."""
+    torch.manual_seed(0)
+    model = UnfreezeAtEpochOne()
+    strategy = lightning_dp.DPStrategy(noise_multiplier=1.0, seed=3)
+    t = trainer(strategy, callbacks=[lightning_dp.PrivacyAccountant(delta=1e-3, accountant="rdp")], max_epochs=2)
+    t.fit(model, DataLoader(toy_dataset(96), batch_size=24))
+    if after == "frozen again":  # a layer trained at some step stays trained
+        model.net[0].requires_grad_(False)
+    live = lightning_dp.privacy_card(t)
+    assert live["trained_parameters"] == ["net.0.bias", "net.0.weight", "net.2.bias", "net.2.weight"]
+    assert live["frozen_parameter_count"] == 0
+    assert live["sensitivity"] == pytest.approx(2**0.5)
+    t.save_checkpoint(tmp_path / "run.ckpt")
+    saved = privacy_card_from_checkpoint(torch.load(tmp_path / "run.ckpt", weights_only=False),
+                                         UnfreezeAtEpochOne(), strategy.private.privacy)
+    assert saved == live
