@@ -27,6 +27,7 @@ from lightning_dp.strategies.checkpoints import (
     refuse_resume_without_privacy_state,
 )
 from lightning_dp.strategies.loss import empty_loss, summed_loss
+from lightning_dp.strategies.monitors import warn_if_monitoring_training_metrics
 from lightning_dp.strategies.optimizers import evaluated_once, refuse_multi_evaluation_optimizer
 from lightning_dp.strategies.poisson_loader import (
     fixed_batches_rate,
@@ -48,6 +49,7 @@ class PrivateStepMixin:
     private: PrivateTraining
     skip_empty_batches = True
     _compiled = False
+    _steps_run = 0
 
     def process_dataloader(self, dataloader: object) -> object:
         trainer = self.lightning_module.trainer
@@ -92,6 +94,9 @@ class PrivateStepMixin:
         return split_batch(batch, self.private.speed.max_physical_batch_size)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._steps_run += 1
+        if self._steps_run == 2:  # the first step of this strategy has logged (resumed or not)
+            warn_if_monitoring_training_metrics(self.lightning_module.trainer)
         batch, rest = args[0], args[1:]
         if self.skip_empty_batches and batch_size_of(batch) == 0:
             self._later_micro_batches = []

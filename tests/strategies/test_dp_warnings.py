@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from dp_fixtures import Classifier, lightning_dp, toy_dataset, trainer
 from torch.utils.data import DataLoader, SubsetRandomSampler, WeightedRandomSampler
 
@@ -73,3 +74,38 @@ def test_a_new_noise_multiplier_is_ignored_on_resume_with_a_warning(tmp_path, re
     assert strategy.private.privacy.noise_multiplier == 1.0
     assert {entry.noise_multiplier for entry in strategy.private.ledger.history} == {1.0}
     assert strategy.private.ledger.steps == 4
+
+
+class LogsItsLoss(Classifier):
+    def __init__(self, monitor: str) -> None:
+        super().__init__()
+        self.monitor = monitor
+
+    def training_step(self, batch, batch_idx):
+        losses = super().training_step(batch, batch_idx)
+        self.log("train_loss", losses.mean())
+        return losses
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": self.monitor}}
+
+
+@pytest.mark.parametrize("monitor", ["train_loss", "val_loss"])
+def test_a_scheduler_monitoring_a_training_metric_is_warned_about(monitor, recwarn):
+    """ReduceLROnPlateau on the loss training_step logs: the learning rate then follows the
+    un-noised training data (a probe's case). A validation metric is fine."""
+    loader = DataLoader(toy_dataset(), batch_size=8)
+    strategy = lightning_dp.DPStrategy(noise_multiplier=1.0)
+    trainer(strategy, max_steps=3, limit_val_batches=1).fit(LogsItsLoss(monitor), loader, loader)
+    warned = [str(w.message) for w in recwarn if "training_step logs from the training data" in str(w.message)]
+    expected = ("lightning-dp: ReduceLROnPlateau monitors 'train_loss', which training_step logs from the "
+                "training data without noise. What it decides (the learning rate, when to stop, which "
+                "checkpoint is kept) then depends on that data outside the privacy guarantee. Monitor a "
+                "validation metric on data outside the training set instead.")
+    assert warned == ([expected] if monitor == "train_loss" else [])
