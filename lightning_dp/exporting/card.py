@@ -88,13 +88,15 @@ def privacy_card_from_checkpoint(
     privacy = copy.copy(privacy)
     privacy.noise_multiplier = state["noise_multiplier"]
     privacy.count_noise_multiplier = state.get("count_noise_multiplier", privacy.count_noise_multiplier)
+    if "trained_parameters" in state:  # what the run trained and the thresholds in force
+        trained, fixed_thresholds = state["trained_parameters"], state["thresholds_in_force"]
+    else:  # saved before they were: ``privacy`` applied to ``model`` as its flags are now
+        planned = _planned(model, privacy)
+        trained, fixed_thresholds = planned_parameters(planned), group_thresholds(planned)
     adaptive = state.get("thresholds")  # adaptive thresholds: the last row of their history
-    # What the run trained and the thresholds in force, as saved; checkpoints from before they
-    # were saved: ``privacy`` applied to ``model`` as it is now (its requires_grad flags)
-    planned = _planned(model, privacy) if "trained_parameters" not in state else model
     thresholds = (
         dict(zip(adaptive["groups"], adaptive["history"][-1].tolist())) if adaptive is not None
-        else state.get("thresholds_in_force") or group_thresholds(planned)
+        else fixed_thresholds
     )
     return make_card(
         privacy=privacy,
@@ -103,7 +105,7 @@ def privacy_card_from_checkpoint(
         num_samples=num_samples,
         sample_rate=sample_rate if privacy.poisson else 1.0,
         thresholds=thresholds,
-        trained=_trained(planned, state.get("trained_parameters", ())),
+        trained=_trained(model, trained),
     )
 
 
@@ -195,15 +197,14 @@ def _planned(model: nn.Module, privacy: PrivacySettings) -> nn.Module:
     )
 
 
-def _trained(model: nn.Module, trained_names: Iterable[str] = ()) -> dict[str, Any]:
-    """The parameters clipped and noised (the trained ones), and how much of the model they are:
-    those ``trained_names`` (every plan of the run, as the strategy recorded them: a layer
-    unfrozen, or frozen, part-way was trained too) and those planned in ``model`` now."""
+def _trained(model: nn.Module, trained_names: Iterable[str]) -> dict[str, Any]:
+    """The parameters clipped and noised (the trained ones: every plan of the run, as the
+    strategy recorded them, so a layer unfrozen or frozen part-way counts), and how much of
+    ``model`` they are."""
     params = dict(model.named_parameters())
-    names = set(trained_names) | (set(planned_parameters(model)) if is_private(model) else set())
-    count = sum(params[n].numel() for n in names if n in params)
+    count = sum(params[n].numel() for n in trained_names if n in params)
     return {
-        "trained_parameters": sorted(names),
+        "trained_parameters": sorted(trained_names),
         "trained_parameter_count": count,
         "frozen_parameter_count": sum(p.numel() for p in params.values()) - count,
     }

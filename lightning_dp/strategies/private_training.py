@@ -206,7 +206,7 @@ class PrivateTraining:
             f"({len(new.groups)} groups, sensitivity {sensitivity(module):.4g})."
         )
 
-    def refuse_unclipped_gradients(self, module: nn.Module, optimizer: Optimizer | None = None) -> None:
+    def refuse_unclipped_gradients(self, module: nn.Module, optimizer: Optimizer) -> None:
         """Before noise and the optimizer step: every parameter holding a gradient must be one
         the clipper wrote. A parameter outside the plan, or one the optimizer steps that is not
         the module's at all (kept in a Python list or dict), would be released unclipped and
@@ -221,7 +221,7 @@ class PrivateTraining:
                 "requires_grad between steps (e.g. in on_train_epoch_start), not inside "
                 "training_step."
             )
-        outside = [] if optimizer is None else _outside_parameters(planned, optimizer)
+        outside = _outside_parameters(planned, optimizer)
         if outside:
             raise PrivacyLeakError(
                 f"lightning-dp: the optimizer steps parameters that are not parameters of the "
