@@ -77,12 +77,39 @@ _DECODER = dict(
 )
 
 
-def _lora(base: Callable[[], nn.Module], targets: list[str]) -> Callable[[], nn.Module]:
+_GPT2 = _hf("GPT2Config", "GPT2LMHeadModel", vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2,
+            n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def _lora(base: Callable[[], nn.Module], targets: list[str], **lora: object) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
         model = base()
-        return get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=targets, lora_dropout=0.0))
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=targets, lora_dropout=0.0, **lora)
+        return get_peft_model(model, config)
+
+    return build
+
+
+def _prefix(base: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from peft import PrefixTuningConfig, get_peft_model
+
+        return get_peft_model(base(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+
+    return build
+
+
+def _ia3(base: Callable[[], nn.Module], targets: list[str], feedforward: list[str]) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from peft import IA3Config, get_peft_model
+
+        model = get_peft_model(base(), IA3Config(target_modules=targets, feedforward_modules=feedforward))
+        for name, p in model.named_parameters():  # peft starts IA3 at ones: move off the identity
+            if "ia3_l" in name:
+                p.data.uniform_(0.5, 1.5)
+        return model
 
     return build
 
@@ -297,9 +324,22 @@ ZOO = [
             lambda: {"input_features": torch.randn(BATCH, 4, 8, generator=torch.Generator().manual_seed(5)),
                      "decoder_input_ids": _ids(6)[:, :4]},
             _logits),
-    ZooCase("lora_gpt2", _lora(_hf("GPT2Config", "GPT2LMHeadModel", vocab_size=VOCAB, n_embd=16,
-                                   n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.0,
-                                   embd_pdrop=0.0, attn_pdrop=0.0), ["c_attn", "c_proj"]),
+    ZooCase("lora_gpt2", _lora(_GPT2, ["c_attn", "c_proj"]),
+            _text, _logits, needs=("transformers", "peft")),
+    # peft adapters read by their layer's forward in ways no rule's op sees (DoRA's factors on an
+    # identity matrix, factors kept in ParameterDicts): the whole layer through the fallback
+    ZooCase("dora_gpt2", _lora(_GPT2, ["c_attn", "c_proj"], use_dora=True, init_lora_weights=False),
+            _text, _logits, fallback=True, needs=("transformers", "peft")),
+    ZooCase("dora_llama", _lora(_hf("LlamaConfig", "LlamaForCausalLM", **_DECODER),
+                                ["q_proj", "down_proj"], use_dora=True, init_lora_weights=False),
+            _text, _logits, fallback=True, needs=("transformers", "peft")),
+    ZooCase("lora_embedding_gpt2", _lora(_GPT2, ["wte", "c_attn"], init_lora_weights=False),
+            _text, _logits, fallback=True, needs=("transformers", "peft")),
+    ZooCase("ia3_gpt2", _ia3(_GPT2, ["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+            _text, _logits, fallback=True, needs=("transformers", "peft")),
+    # prefix tuning encodes one prompt row per example (prompt tuning, repeated over the batch by
+    # peft, is refused: tests/engine/test_validation.py)
+    ZooCase("prefix_llama", _prefix(_hf("LlamaConfig", "LlamaForCausalLM", **_DECODER)),
             _text, _logits, needs=("transformers", "peft")),
     # OPT runs its MLP on hidden states flattened to [B*T, D]: full fine-tuning is refused there,
     # LoRA on the attention projections (peft's default targets for OPT) is exact

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 
+from lightning_dp.engine.adapters import is_dora_layer, refuse_repeated_prompts
 from lightning_dp.engine.clip_fns import ClipFn
 from lightning_dp.engine.clipper import Clipper, EngineOptions, Site
 from lightning_dp.engine.groups import (
@@ -173,6 +174,7 @@ def make_private(
         raise ValueError(f"make_private: gamma is {gamma!r}; it must be positive and finite.")
 
     check_no_cross_example_layers(model)
+    refuse_repeated_prompts(model)
     canonical, aliases = _canonical_names(model)
     planned = _plan_sites(model, canonical, fallback)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -288,38 +290,30 @@ def _plan_sites(model: nn.Module, canonical: dict[int, str], fallback: bool):
 
     A module of a registered class runs through its rule; one whose class overrides the
     registered class's ``forward``, or that has no rule, keeps its own forward with its
-    parametric ops routed to the primitives (``rules/routing.py``). A parametrized module
-    (``weight_norm``, ``spectral_norm``) computes its weight from other parameters at every call,
-    so its class's rule would see a tensor that is no parameter: the torch.func fallback
-    recomputes it whole, or it is refused.
+    parametric ops routed to the primitives (``rules/routing.py``). A module whose forward
+    reads its parameters in a way no rule's op sees (see :func:`_recomputed_whole`) is handled
+    whole by the torch.func fallback, or refused.
     """
     planned, covered, refused = [], [], []
     for path, module in model.named_modules():
         if any(path == c or path.startswith(c + ".") for c in covered):
             continue
         direct = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if direct and isinstance(module, (nn.ParameterDict, nn.ParameterList)):
-            raise ValueError(
-                f"make_private: `{path}` ({type(module).__name__}) holds trainable parameters "
-                f"{direct}, and a parameter container has no forward: another module's "
-                "forward reads them (peft's LoRA on an embedding layer, IA3), and lightning-dp "
-                "cannot attribute those reads to examples, with or without fallback=True. Freeze "
-                "them (requires_grad_(False)), or adapt linear layers only (LoRA target_modules)."
-            )
         rule = rules.lookup(module)
-        if parametrize.is_parametrized(module):
+        why = _recomputed_whole(module)
+        if why is not None:
             names = [n for n, p in module.named_parameters() if p.requires_grad]
+            covered.append(path)
             if not fallback:
-                refused.append((path, module, names))
+                refused.append((path, module, names, why))
                 continue
             rule = FuncFallbackRule(covers_subtree=True)
-            covered.append(path)
         elif rule is not None and not rules.keeps_own_forward(module):
             rule.validate(module, path or ROOT)
             names = rule.param_names(module)
             unhandled = sorted(set(direct) - set(names))
             if unhandled and not fallback:
-                refused.append((path, module, unhandled))
+                refused.append((path, module, unhandled, ""))
                 continue
             if unhandled:
                 rule, names = RoutedRule(fallback=True), direct
@@ -334,7 +328,8 @@ def _plan_sites(model: nn.Module, canonical: dict[int, str], fallback: bool):
             planned.append((path, module, rule, keys))
     if refused:
         lines = "\n".join(
-            f"  `{path or ROOT}` ({type(m).__name__}): {names}" for path, m, names in refused
+            f"  `{path or ROOT}` ({type(m).__name__}): {names}" + (f" ({why})" if why else "")
+            for path, m, names, why in refused
         )
         raise ValueError(
             "make_private: these modules own trainable parameters that their class's rule does "
@@ -344,6 +339,29 @@ def _plan_sites(model: nn.Module, canonical: dict[int, str], fallback: bool):
             "them with requires_grad_(False)."
         )
     return planned
+
+
+def _recomputed_whole(module: nn.Module) -> str | None:
+    """Why ``module`` must be recomputed whole by the torch.func fallback, or None.
+
+    A parametrized module (``weight_norm``, ``spectral_norm``) computes its weight from other
+    parameters at every call, so its class's rule would see a tensor that is no parameter. A
+    parameter container (``nn.ParameterDict``, as peft's LoRA on an embedding layer and IA3 keep
+    their factors) has no forward: its parent's forward reads it. A peft DoRA layer also calls
+    its LoRA factors on an identity matrix (``engine/adapters.py``).
+    """
+    if is_dora_layer(module):
+        return ("a peft DoRA layer: it also calls lora_A and lora_B on an identity matrix, whose "
+                "rows are no examples; or use LoRA without DoRA (use_dora=False)")
+    if parametrize.is_parametrized(module):
+        return "its weight is computed from other parameters at every call"
+    containers = [name for name, child in module.named_children()
+                  if isinstance(child, (nn.ParameterDict, nn.ParameterList))
+                  and any(p.requires_grad for p in child.parameters())]
+    if containers:
+        return (f"its forward reads trainable parameters held in {containers}, parameter "
+                "containers no rule's op sees (peft's LoRA on an embedding layer, IA3)")
+    return None
 
 
 def _resolve_groups(model, clipping, planned, trainable, aliases) -> dict[str, list[str]]:

@@ -196,18 +196,46 @@ def test_making_private_twice_is_refused():
         ldp.make_private(model)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft")
-@pytest.mark.parametrize("adapter", ["lora_embedding", "ia3"])
-def test_trainable_parameter_containers_are_refused_at_make_private(adapter):
-    """peft keeps LoRA-on-embedding and IA3 weights in ParameterDicts that the parent's forward
-    reads: their gradients used to reach the leak guard, whose hint (fallback=True) did not help."""
-    from peft import IA3Config, LoraConfig, get_peft_model
+def _tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    base = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16))
-    config = (LoraConfig(r=2, target_modules=["wte"]) if adapter == "lora_embedding"
-              else IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"]))
-    model = get_peft_model(base, config)
-    for fallback in (False, True):
-        with pytest.raises(ValueError, match=r"\(ParameterDict\) holds trainable parameters \['default'\].*target_modules"):
-            ldp.make_private(model, fallback=fallback)
+    return GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft")
+@pytest.mark.parametrize("adapter", ["lora_embedding", "ia3", "dora"])
+def test_adapters_read_whole_by_their_layer_need_the_fallback(adapter):
+    """peft keeps LoRA-on-embedding and IA3 weights in ParameterDicts that the layer's forward
+    reads, and DoRA calls its factors on an identity matrix: without fallback=True they are
+    refused at make_private naming the layer and why (they used to reach the leak guard or the
+    example-count guard mid-forward); with it they are exact (the zoo's cases)."""
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    config = {
+        "lora_embedding": LoraConfig(r=2, target_modules=["wte"]),
+        "ia3": IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"]),
+        "dora": LoraConfig(r=2, target_modules=["c_attn"], use_dora=True),
+    }[adapter]
+    why = {"lora_embedding": r"held in \['lora_embedding_A', 'lora_embedding_B'\]",
+           "ia3": r"held in \['ia3_l'\]", "dora": r"DoRA.*identity matrix.*use_dora=False"}[adapter]
+    model = get_peft_model(_tiny_gpt2(), config)
+    with pytest.raises(ValueError, match=rf"(?s)`base_model\.model\.transformer\.\S+` \(\w+\): .*{why}.*fallback=True"):
+        ldp.make_private(model)
+    ldp.make_private(model, fallback=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft")
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+def test_prompts_peft_repeats_over_the_batch_are_refused(method):
+    """peft encodes a prompt-tuning or P-tuning prompt from one row and repeats it over the
+    batch: no per-example gradient of it exists afterwards (it used to fail inside peft on a
+    batch of B * B rows). Prefix tuning, one prompt row per example, is accepted and exact."""
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+
+    config = (PromptTuningConfig if method == "prompt_tuning" else PromptEncoderConfig)(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, **({} if method == "prompt_tuning" else {"encoder_hidden_size": 8}))
+    model = get_peft_model(_tiny_gpt2(), config)
+    with pytest.raises(ValueError, match=r"`prompt_encoder\.default` is peft's Prompt\w+ .*repeats it over the batch.*prefix tuning"):
+        ldp.make_private(model, fallback=True)
+    prefix = ldp.make_private(get_peft_model(_tiny_gpt2(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)))
+    prefix(input_ids=torch.randint(0, 50, (4, 5))).logits.sum().backward()
