@@ -120,11 +120,39 @@ class Site:
             return x
         if self.rows_are_examples(rows, f"input of shape {tuple(x.shape)}"):
             return x
+        self.refuse_row_of_batch(x, dim)
         shape = list(x.shape)
         if not torch.compiler.is_compiling():
             self.clipper.expanded[self.path] = tuple(shape)
         shape[dim] = self.clipper.examples
         return x.expand(shape)
+
+    def refuse_row_of_batch(self, x: Tensor, dim: int = 0) -> None:
+        """Refuse a one-row input sliced from a tensor holding the forward's examples.
+
+        ``x[:1]`` (an "anchor" example every other one is compared with) or ``x[i:i+1]`` (a loop
+        over examples) is one example's data, not a row every example shares: expanded to the
+        batch, every example's clipped gradient would carry example 0's data, and leaving that
+        one example out could move the clipped sum by up to B thresholds. Seen through the
+        view relation, so a slice of a copy (``x[:1].clone()``) is not found; the strategies'
+        self-check compares with single-example passes and finds that too.
+        """
+        if torch.compiler.is_compiling() or not x._is_view():
+            return
+        base, examples = x._base, self.clipper.examples
+        if base.dim() != x.dim() or base.shape[dim] != examples:
+            return
+        raise ExampleMismatchError(
+            f"`{self.path}` ({type(self.module).__name__}) was called with one row "
+            f"(shape {tuple(x.shape)}) sliced from a tensor of shape {tuple(base.shape)} that "
+            f"holds this forward's {examples} examples, such as `x[:1]` or `x[i:i+1]`. That row "
+            "is one example's data: lightning-dp would treat it as a row every example shares, "
+            "so every example's gradient would carry that example's data and its influence "
+            "would not be bounded by the threshold. Call the layer on the whole batch (one row "
+            "per example; a loop over examples is not needed), or, if the row does not depend "
+            "on the data (positions built per example), build it on its own, e.g. "
+            "torch.arange(T).unsqueeze(0)."
+        )
 
     def record(self, use: GradUse) -> dict[str, Tensor] | None:
         """Hand over one call's gradient factors. Eager: the clipper writes ``.grad`` later and

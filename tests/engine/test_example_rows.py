@@ -112,3 +112,74 @@ def test_a_submodule_call_after_a_forward_without_backward_counts_its_own_exampl
     model.zero_grad(set_to_none=True)
     model[2](model[1](model[0](x))).sum().backward()  # and a direct forward of all 6 after it
     assert ldp.group_norms(model)["flat"].shape == (6,)
+
+
+class Anchor(nn.Module):
+    """Every example compared with the batch's first (a reference row ``x[:1]``), or a layer
+    called on one example at a time in a loop (``x[i:i+1]``), optionally through the fallback."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.l1 = ExpGain() if how == "fallback" else nn.Linear(4, 4)
+        self.l2, self.how = nn.Linear(4, 1), how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "loop":
+            return self.l2(torch.cat([self.l1(x[i : i + 1]) for i in range(x.shape[0])]))
+        return self.l2(x - self.l1(x[:1]))
+
+
+class ExpGain(nn.Module):
+    """A module no rule stands for (``exp`` of its parameter): the torch.func fallback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(-1.0, 1.0, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain.exp()
+
+
+def _clipped_sum(x: torch.Tensor, how: str, threshold: float) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = ldp.make_private(Anchor(how).double(), clipping="flat", max_grad_norm=threshold,
+                             fallback=how == "fallback")
+    model(x).sum().backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("how", ["anchor", "loop", "fallback"])
+def test_one_row_sliced_from_the_batch_is_refused(how, monkeypatch):
+    """A row sliced from the batch is one example's data, not a row every example shares.
+    Expanded as a shared row (the check switched off), leaving example 0 out moves the clipped
+    sum by several thresholds; with the check, the forward is refused naming the layer."""
+    x = 10 * torch.randn(8, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    threshold = 1e-3
+    with pytest.raises(ValueError, match=r"`l1` \((Linear|ExpGain)\) was called with one row .* sliced from a "
+                                         r"tensor of shape \(8, 4\) .* 8 examples.*x\[:1\]"):
+        _clipped_sum(x, how, threshold)
+    if how == "loop":
+        return  # expanded, the loop's rows do not fit the batch: it fails anyway, later
+    monkeypatch.setattr(ldp.engine.clipper.Site, "refuse_row_of_batch", lambda *a, **k: None)
+    moved = float((_clipped_sum(x, how, threshold) - _clipped_sum(x[1:], how, threshold)).norm())
+    assert moved > 2 * threshold  # the leak the check prevents
+
+
+def test_one_row_not_sliced_from_the_batch_is_still_shared():
+    """The negative control: a learned query row (a parameter, not data) and HF-style position
+    ids sliced from a buffer of one row are shared rows, expanded and accepted."""
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.query, self.proj = nn.Parameter(torch.randn(1, 4)), nn.Linear(4, 4)
+            self.register_buffer("position_ids", torch.arange(16).unsqueeze(0))
+            self.wpe = nn.Embedding(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            pos = self.wpe(self.position_ids[:, : x.shape[1]])
+            return (self.proj(self.query.detach()) * x.sum(1)).sum(1) + pos.sum((1, 2))
+
+    model = ldp.make_private(Shared())
+    model(torch.randn(5, 3, 4)).sum().backward()
+    assert model.proj.weight.grad is not None and model.wpe.weight.grad is not None
