@@ -39,6 +39,17 @@ _CHEAP_SECONDS = 0.02
 _LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
 
 
+def _steps_left(trainer: pl.Trainer) -> float:
+    """Steps this fit still runs from the start of the current epoch, at the current loader's
+    length (``estimated_stepping_batches`` counts every epoch at that length)."""
+    left = math.inf
+    if trainer.max_steps != -1:
+        left = trainer.max_steps - trainer.global_step
+    if trainer.max_epochs is not None and trainer.max_epochs != -1:
+        left = min(left, (trainer.max_epochs - trainer.current_epoch) * trainer.num_training_batches)
+    return max(left, 0)
+
+
 class PrivacyAccountant(Callback):
     """Account for every DP-SGD step and keep epsilon within the target.
 
@@ -83,6 +94,8 @@ class PrivacyAccountant(Callback):
         self.accountant = accountant
         self.log_every_n_steps = log_every_n_steps
         self._planned = 0
+        #: (N, q) the step limit was planned for; a reloaded dataloader may change them
+        self._planned_rate: tuple[int, float] = (0, 0.0)
         self._refresh_seconds, self._last_refresh_end = 0.0, time.perf_counter()
         self.log_clip_fraction = log_clip_fraction
         self.epsilon: float = 0.0
@@ -142,6 +155,7 @@ class PrivacyAccountant(Callback):
                 "max_epochs or max_steps to the training you mean (fewer steps: less noise each)."
             )
         self._planned = int(min(planned, 10**9))
+        self._planned_rate = (n, q)
         if private.max_steps is not None and private.ledger.steps >= private.max_steps:
             if private.ledger.steps:
                 rank_zero_info("lightning-dp: the privacy budget is already spent; not training.")
@@ -151,6 +165,39 @@ class PrivacyAccountant(Callback):
                     f"target epsilon {self.target_epsilon}; not training. Raise noise_multiplier or "
                     "target_epsilon, or pass noise_multiplier=None to calibrate it for the plan."
                 )
+            trainer.should_stop = True
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Plan again when a reloaded train dataloader (``reload_dataloaders_every_n_epochs``)
+        changed N and so q: the step limit was the count of steps at the old q that fit the
+        target, and a dataset that shrank 64 -> 16 ran on to epsilon 3.77 against a target of 2."""
+        private = private_training_of(trainer)
+        rate = (private.num_samples, private.accounted_sample_rate)
+        if rate == self._planned_rate:
+            return
+        (n, q), (old_n, old_q) = rate, self._planned_rate
+        self._planned_rate = rate
+        if self.delta >= 1.0 / n:
+            rank_zero_warn(
+                f"lightning-dp: the reloaded train dataset has N={n} examples (was {old_n}), and "
+                f"delta={self.delta:.3g} is no longer below 1/N = {1 / n:.3g}; such a delta allows "
+                "releasing whole examples. Pass PrivacyAccountant(delta=...) well below 1/N of the "
+                "largest dataset the run will see."
+            )
+        left = _steps_left(trainer)
+        if math.isfinite(left):
+            self._planned = private.ledger.steps + int(min(left, 10**9))
+        if self.target_epsilon is None:
+            return
+        private.max_steps = self._max_steps(private.ledger, private.effective_noise_multiplier, q, self._planned)
+        rank_zero_info(
+            f"lightning-dp: the train dataset changed from N={old_n} (q={old_q:.4g}) to N={n} "
+            f"(q={q:.4g}); at most {private.max_steps} steps in all fit target epsilon "
+            f"{self.target_epsilon} ({private.ledger.steps} spent, {self._planned} planned)."
+        )
+        if private.ledger.steps >= private.max_steps:
+            rank_zero_info("lightning-dp: the privacy budget is spent at the new sample rate; stopping.")
             trainer.should_stop = True
 
     def _use_accountant(self, private: PrivateTraining, num_samples: int) -> None:

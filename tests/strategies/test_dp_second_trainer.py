@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import lightning as L
 import pytest
 import torch
 from dp_fixtures import Classifier, flat_params, lightning_dp, toy_dataset, trainer
@@ -86,3 +87,52 @@ def test_a_second_fit_at_another_sample_rate_stays_within_the_target():
     assert ledger.epsilon(DELTA) <= target
     one_more = ledger.epsilon_after(DELTA, noise_multiplier=1.5, sample_rate=8 / N, steps=1)
     assert one_more > target  # it stopped at the last step that fits
+
+
+class _Shrinking(L.LightningDataModule):
+    """A train set re-read every epoch (``reload_dataloaders_every_n_epochs=1``) that shrinks
+    after the first: a filter re-applied per epoch, a curriculum."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        super().__init__()
+        self.sizes, self.calls = sizes, 0
+
+    def train_dataloader(self) -> DataLoader:
+        n = self.sizes[min(self.calls, len(self.sizes) - 1)]
+        self.calls += 1
+        return DataLoader(toy_dataset(n), batch_size=8, shuffle=True)
+
+
+@pytest.mark.parametrize("replan", [True, False], ids=["replanned", "negative-control"])
+def test_a_reloaded_train_set_that_shrinks_stays_within_the_target(replan, monkeypatch):
+    """q rises from 8/64 to 8/16 when the reloaded set shrinks. The step limit used to be the
+    one planned at train start for the first q, and the run ended far above the target (a probe:
+    3.77 for a target of 2); it is planned again when N changes, and the run stops at the last
+    step that fits. Negative control: without the re-plan the same run overruns the target."""
+    if not replan:
+        monkeypatch.setattr(lightning_dp.PrivacyAccountant, "on_train_epoch_start", lambda *a: None)
+    torch.manual_seed(0)
+    target = 2.0
+    accountant = lightning_dp.PrivacyAccountant(target_epsilon=target, delta=1e-3, accountant="rdp")
+    strategy = lightning_dp.DPStrategy(noise_multiplier=None, seed=0)
+    fitted = trainer(strategy, [accountant], max_epochs=4, reload_dataloaders_every_n_epochs=1)
+    fitted.fit(Classifier(), datamodule=_Shrinking([64, 16]))
+    ledger = strategy.private.ledger
+    if not replan:
+        assert ledger.epsilon(1e-3) > 1.5 * target
+        return
+    rates = [round(entry.sample_rate, 4) for entry in ledger._history]
+    assert rates == [0.125, 0.5] and ledger.steps > 8  # it went on at the new rate, then stopped
+    assert ledger.epsilon(1e-3) <= target
+    assert ledger.epsilon_after(1e-3, noise_multiplier=strategy.private.effective_noise_multiplier,
+                                sample_rate=0.5, steps=1) > target
+
+
+def test_a_reloaded_train_set_that_outgrows_delta_is_warned_about():
+    """delta defaults to 1/(10 N) of the first train set; after a reload to 25x the examples it
+    is no longer below 1/N, which the check at train start alone did not see."""
+    strategy = lightning_dp.DPStrategy(noise_multiplier=1.0, seed=0)
+    accountant = lightning_dp.PrivacyAccountant(accountant="rdp")
+    fitted = trainer(strategy, [accountant], max_epochs=2, reload_dataloaders_every_n_epochs=1)
+    with pytest.warns(UserWarning, match=r"N=400 examples \(was 16\), and delta=0\.00625 is no longer below 1/N"):
+        fitted.fit(Classifier(), datamodule=_Shrinking([16, 400]))
