@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -19,20 +20,48 @@ from torch.utils.data import (
 from torch.utils.data._utils.collate import default_collate
 
 from lightning_dp.data import PoissonBatchSampler
+from lightning_dp.strategies.private_training import batch_size_of
 
 
-class EmptySafeCollate:
-    """The user's collate_fn; an empty batch becomes the collation of one example cut to 0 rows,
-    so an empty Poisson batch keeps every tensor's shape and dtype."""
+class ExampleRowsCollate:
+    """The user's collate_fn, checked to give one row per sampled example.
+
+    Every row of a training batch is clipped as one example, so a collate_fn that returns
+    several rows per example (two augmented views), fewer (examples dropped to fit a token
+    budget, several packed into one row) or rows that are not examples at all (time-major
+    ``pad_sequence``) bounds no single example's influence: a probe measured up to 4.4 C for
+    one example. The collated rows are compared with the examples drawn, per batch. An empty
+    Poisson batch becomes the collation of one example cut to 0 rows, keeping every tensor's
+    shape and dtype. A mapping type pytree cannot flatten (HF's ``BatchEncoding``) becomes a
+    dict, so that micro-batching can slice it.
+    """
 
     def __init__(self, collate_fn: Any, dataset: Any) -> None:
         self.collate_fn, self.dataset = collate_fn, dataset
 
     def __call__(self, examples: list) -> Any:
-        if examples:
-            return self.collate_fn(examples)
-        one = self.collate_fn([self.dataset[0]])
-        return tree_map(lambda t: t[:0] if isinstance(t, torch.Tensor) else t, one)
+        if not examples:
+            one = _as_tree(self.collate_fn([self.dataset[0]]))
+            return tree_map(lambda t: t[:0] if isinstance(t, torch.Tensor) else t, one)
+        batch = _as_tree(self.collate_fn(examples))
+        rows = batch_size_of(batch)
+        if rows != len(examples):
+            raise ValueError(
+                f"lightning-dp: the train dataloader's collate_fn turned {len(examples)} sampled "
+                f"examples into a batch of {rows} rows (dim 0 of its first tensor). Each row is "
+                "clipped as one example, so a collate_fn that returns several rows per example "
+                "(augmented views), drops examples, packs several into one row, or puts time "
+                "first (pad_sequence's default batch_first=False) bounds no single example's "
+                "influence. Return one row per example, dim 0 indexing the examples "
+                "(pad_sequence(..., batch_first=True)); make several views inside training_step, "
+                "with one loss per example."
+            )
+        return batch
+
+
+def _as_tree(batch: Any) -> Any:
+    """A Mapping that is not a dict (``BatchEncoding``) as a dict; anything else as it is."""
+    return dict(batch) if isinstance(batch, Mapping) and not isinstance(batch, dict) else batch
 
 
 def refuse_several_train_loaders(loaders: Any) -> None:
@@ -84,6 +113,17 @@ def fixed_batches_rate(dataloader: DataLoader, num_samples: int, world_size: int
     DistributedSampler pads a dataset that does not split evenly by repeating examples, and
     one example in two rows of a step has twice the sensitivity the noise is scaled to."""
     sampler = dataloader.sampler
+    user_sampler = sampler
+    if isinstance(sampler, DistributedSampler):  # Lightning wraps a user's sampler in one
+        user_sampler = getattr(getattr(sampler, "dataset", None), "_sampler", None)
+    if isinstance(user_sampler, (RandomSampler, WeightedRandomSampler)) and user_sampler.replacement:
+        raise ValueError(
+            f"poisson=False with a {type(user_sampler).__name__} that draws with replacement: an "
+            "example can fill several rows of a batch, each clipped as its own example, so its "
+            "influence is bounded by a multiple of the threshold, not by one. Use shuffle=True "
+            "(each example once per epoch), or Poisson sampling (poisson=True); to weight "
+            "examples, weight their per-example losses."
+        )
     if world_size > 1 and not isinstance(sampler, DistributedSampler):
         raise ValueError(
             f"poisson=False on {world_size} devices needs each device to train on its own share of "
@@ -135,7 +175,7 @@ def poisson_dataloader(dataloader: DataLoader, sampler: PoissonBatchSampler) -> 
     """The same loader (collate, workers, pinning...) drawing Poisson logical batches."""
     kwargs: dict[str, Any] = {
         "num_workers": dataloader.num_workers,
-        "collate_fn": EmptySafeCollate(dataloader.collate_fn or default_collate, dataloader.dataset),
+        "collate_fn": ExampleRowsCollate(dataloader.collate_fn or default_collate, dataloader.dataset),
         "pin_memory": dataloader.pin_memory,
         "timeout": dataloader.timeout,
         "worker_init_fn": dataloader.worker_init_fn,

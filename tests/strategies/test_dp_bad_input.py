@@ -6,10 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dp_fixtures import Classifier, toy_dataset, trainer
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    Subset,
+    default_collate,
+)
 
 import lightning_dp
-from lightning_dp.strategies.poisson_loader import fixed_batches_rate
+from lightning_dp.strategies.poisson_loader import ExampleRowsCollate, fixed_batches_rate
 
 
 class Unsized(Dataset):
@@ -183,3 +190,81 @@ def test_fixed_batches_on_several_devices_repeat_no_example():
     assert fixed_batches_rate(_loader_on(2, 8), 8, 2) == 0.5
     assert fixed_batches_rate(_loader_on(2, 7, drop_last=True), 7, 2) == 4 / 7
     assert fixed_batches_rate(_loader_on(1, 7, distributed=False), 7, 1) == 2 / 7
+
+
+def _two_views(examples):
+    """SimCLR-style: every example twice (the second view jittered), as 2B rows."""
+    x, y = default_collate(examples)
+    return torch.cat([x, x + 0.1]), torch.cat([y, y])
+
+
+def _token_budget(examples):
+    """Drops the examples past a budget, decided by the whole batch."""
+    x, y = default_collate(examples)
+    keep = max(1, len(examples) - 2)
+    return x[:keep], y[:keep]
+
+
+def _time_major(examples):
+    """``pad_sequence``'s default layout: [T, B, ...], time first."""
+    x, y = default_collate(examples)
+    return x[:, :3].t().unsqueeze(-1).expand(-1, -1, 8).contiguous(), y  # T = 3 steps
+
+
+class ReleasedSum(Classifier):
+    """Keeps the step's summed clipped gradient: the release times q N (q = 1 here)."""
+
+    def on_before_optimizer_step(self, optimizer):
+        n = len(self.trainer.train_dataloader.dataset)
+        self.released = torch.cat([p.grad.flatten() * n for p in self.parameters()])
+
+
+def _released_sum(n: int, collate) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = ReleasedSum()
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        strategy = lightning_dp.DPStrategy(noise_multiplier=0.0, max_grad_norm=1e-3, clipping="flat", seed=0)
+    _fit(model, DataLoader(Subset(toy_dataset(16), range(n)), batch_size=16, collate_fn=collate),
+         strategy, max_steps=1)
+    return model.released
+
+
+@pytest.mark.parametrize("collate", [_two_views, _token_budget, _time_major], ids=["two-views", "token-budget", "time-major"])
+def test_a_collate_fn_whose_rows_are_not_the_sampled_examples_is_refused(collate):
+    """Every row is clipped as one example: two views per example give each example two
+    budgets, a batch-dependent drop or a time-major layout give rows that are not examples (a
+    probe measured up to 4.4 C leave-one-out). Refused at the first batch, before any release
+    (the seed draws a first Poisson batch of other than 3 examples, the time-major rows)."""
+    model = Classifier()
+    before = _untouched(model)
+    strategy = lightning_dp.DPStrategy(noise_multiplier=1.0, seed=0)
+    with pytest.raises(ValueError, match=r"collate_fn turned \d+ sampled examples into a batch of \d+ rows"):
+        _fit(model, DataLoader(toy_dataset(32), batch_size=8, collate_fn=collate), strategy, max_steps=1)
+    assert strategy.private.ledger.steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_two_views_per_example_leak_without_the_check(monkeypatch):
+    """The DP property behind the refusal: with the row check switched off, leaving example 15
+    out moves the summed clipped gradient by nearly 2 C (its two rows); one row per example
+    moves it by at most C."""
+    threshold = 1e-3
+    moved = float((_released_sum(16, default_collate) - _released_sum(15, default_collate)).norm())
+    assert 0.5 * threshold < moved <= threshold * (1 + 1e-6)
+    monkeypatch.setattr(ExampleRowsCollate, "__call__", lambda self, examples: self.collate_fn(examples))
+    moved = float((_released_sum(16, _two_views) - _released_sum(15, _two_views)).norm())
+    assert moved > 1.5 * threshold
+
+
+def test_a_batch_mapping_pytree_cannot_flatten_becomes_a_dict():
+    """HF collators return a ``BatchEncoding`` (a ``UserDict``), in which lightning-dp found no
+    tensor ("found no tensor with a batch dimension"): it is handed on as a dict, the empty
+    Poisson batch included."""
+    from collections import UserDict
+
+    examples = [{"input_ids": torch.arange(4) + i, "labels": torch.tensor(i)} for i in range(3)]
+    collate = ExampleRowsCollate(lambda rows: UserDict(default_collate(rows)), examples)
+    batch = collate(examples)
+    assert type(batch) is dict and batch["input_ids"].shape == (3, 4)
+    empty = collate([])
+    assert type(empty) is dict and empty["input_ids"].shape == (0, 4)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 import lightning_dp
 from lightning_dp.accounting import epsilon
 from lightning_dp.data import PoissonBatchSampler
-from lightning_dp.strategies.poisson_loader import EmptySafeCollate
+from lightning_dp.strategies.poisson_loader import ExampleRowsCollate
 
 N, BATCH, SEED = 96, 12, 7
 
@@ -50,7 +50,7 @@ def test_noise_zero_huge_threshold_equals_plain_training_on_the_same_poisson_bat
     trainer(strategy, max_epochs=2).fit(dp_model, DataLoader(data, batch_size=BATCH))
 
     sampler = PoissonBatchSampler(N, BATCH / N, generator=SEED)
-    plain_loader = DataLoader(data, batch_sampler=sampler, collate_fn=EmptySafeCollate(torch.utils.data.default_collate, data))
+    plain_loader = DataLoader(data, batch_sampler=sampler, collate_fn=ExampleRowsCollate(torch.utils.data.default_collate, data))
     trainer("auto", max_epochs=2).fit(plain_model, plain_loader)
 
     torch.testing.assert_close(flat_params(dp_model), flat_params(plain_model), rtol=1e-5, atol=1e-6)
