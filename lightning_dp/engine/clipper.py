@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lightning_dp.engine.clip_fns import CLIP_FNS
 from lightning_dp.engine.deferred_ops import group_scale, shared_scale
+from lightning_dp.engine.requested import parameter_requested
 from lightning_dp.engine.shared_norms import norm_sq_of_sum
 from lightning_dp.rules.base import Rule, in_dtype, settle_factors_
 from lightning_dp.rules.protocol import GradUse, examples_per_chunk, row_norm_sq, upcast
@@ -157,8 +158,12 @@ class Site:
     def record(self, use: GradUse) -> dict[str, Tensor] | None:
         """Hand over one call's gradient factors. Eager: the clipper writes ``.grad`` later and
         this returns None. Compiled: returns the clipped parameter gradients for autograd."""
-        if self.compiled:
+        if self.compiled:  # autograd delivers the clipped gradients: it decides who gets them
             return self.clipper.deferred_grads(self, use)
+        first = next(iter(use.params.values()), None)
+        if first is not None and not parameter_requested(first):
+            self.clipper.on_unrequested_backward(self)  # autograd.grad(loss, x): no .grad
+            return None
         self.clipper.on_backward(self, use)
         return None
 
@@ -351,6 +356,16 @@ class Clipper:
                 # below 0: calls the forward never announced (a second backward through a
                 # retained graph), so how many will come is unknown: clipped at the end
                 self._pending[group] = remaining
+
+    def on_unrequested_backward(self, site: Site) -> None:
+        """A call's backward that wants no parameter gradient (gradients of inputs only): its
+        parameters get none, as in plain PyTorch, and its forward's count is spent, so that a
+        later backward's groups do not wait for it."""
+        for group in site.groups:
+            if self._pending.get(group, 0) > 0:
+                self._pending[group] -= 1
+                if self._pending[group] == 0 and group not in self._uses:
+                    del self._pending[group]
 
     def _queue_finish_callback(self) -> None:
         """One end-of-backward callback per outermost backward: the inner backward that a

@@ -115,8 +115,9 @@ def make_private(
 
     After this, ``(per_example_losses.sum()).backward()`` writes into every trainable
     parameter's ``.grad`` the sum over examples of the clipped per-example gradient. No noise
-    is added and nothing is divided: that is the strategy's job. Use ``.backward()`` (not
-    ``torch.autograd.grad``) and one forward per backward.
+    is added and nothing is divided: that is the strategy's job. Use ``.backward()`` (a
+    backward for inputs only, ``torch.autograd.grad(loss, x)``, leaves ``.grad`` alone;
+    ``autograd.grad`` of a parameter is refused) and one forward per backward.
 
     Examples are a property of the forward, not of a module: a call of the model holds B
     examples (dim 0 of its first tensor input, or ``batch_size_fn``; the strategies set it per
