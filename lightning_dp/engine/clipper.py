@@ -102,10 +102,10 @@ class Site:
         if not self.compiled:
             self.clipper.on_forward(self)
 
-    def rows_are_examples(self, rows: int, what: str = "input") -> bool:
+    def rows_are_examples(self, rows: int, what: str = "input", carries_grad: bool = False) -> bool:
         """True when ``rows`` is the forward's example count, False when it is 1 (one row shared
         by every example); refuses anything else. See :meth:`Clipper.rows_are_examples`."""
-        return self.clipper.rows_are_examples(self, rows, what)
+        return self.clipper.rows_are_examples(self, rows, what, carries_grad)
 
     def holds_examples(self, rows: int) -> bool:
         """See :meth:`CallSite.holds_examples`: the test of :meth:`enter`, without raising."""
@@ -119,7 +119,7 @@ class Site:
         rows = x.shape[dim]
         if rows == self.clipper.examples:  # the common case, without formatting a message
             return x
-        if self.rows_are_examples(rows, f"input of shape {tuple(x.shape)}"):
+        if self.rows_are_examples(rows, f"input of shape {tuple(x.shape)}", x.requires_grad):
             return x
         self.refuse_row_of_batch(x, dim)
         shape = list(x.shape)
@@ -243,8 +243,13 @@ class Clipper:
             # ``examples`` stays set for recomputation in the backward (activation checkpointing)
             self.examples_pinned = previous
 
-    def rows_are_examples(self, site: Site, rows: int, what: str) -> bool:
+    def rows_are_examples(self, site: Site, rows: int, what: str, carries_grad: bool = False) -> bool:
         """Map a private call's rows to the forward's examples.
+
+        A submodule called after the root's forward ended starts a forward of its own, unless
+        its input ``carries_grad`` (computed by a forward still waiting for its backward): a
+        head applied to the model's flattened hidden states ([B*T, d]) used to take B*T as the
+        example count and clip every token as an example.
 
         ``rows`` equal to the example count: one row per example. One row while the forward holds
         several examples: a row every example shares (HF position ids of shape [1, T]), which
@@ -252,15 +257,19 @@ class Clipper:
         else (e.g. T5's [q, k] relative-position buckets) would have its batch-summed gradient
         clipped as if its rows were examples: refused.
         """
-        if self.examples is None or self._after_root_forward():
+        continued = self.root_forward_ended and carries_grad
+        if self.examples is None or (self._after_root_forward() and not carries_grad):
             self.examples, self.root_forward_ended = rows, False
         if rows == self.examples:
             return True
         if rows == 1:
             return False
+        after = (" It was called after the model's forward, on a tensor computed from it (such as "
+                 "a head on hidden states flattened to [B*T, d]), so its rows are that forward's "
+                 "examples: keep them on dim 0 ([B, T, d]).") if continued else ""
         raise ExampleMismatchError(
             f"`{site.path}` ({type(site.module).__name__}) was called with an {what} whose "
-            f"leading dimension has {rows} rows, but this forward holds {self.examples} examples. "
+            f"leading dimension has {rows} rows, but this forward holds {self.examples} examples.{after} "
             "lightning-dp attributes a private call's gradient to examples by that dimension (one "
             "row per example, or one row shared by all of them), so this call's gradient could "
             "not be clipped per example. An input every example shares, such as positions built "

@@ -164,7 +164,7 @@ class FuncFallbackRule(Rule):
     def _holds_examples(site, tensor: Tensor, dim: int) -> bool:
         """True for one row per example; False for one row every example shares (refused when
         it is one example's row, sliced from the batch: ``CallSite.refuse_row_of_batch``)."""
-        if site.rows_are_examples(tensor.shape[dim], f"input of shape {tuple(tensor.shape)}"):
+        if site.rows_are_examples(tensor.shape[dim], f"input of shape {tuple(tensor.shape)}", tensor.requires_grad):
             return True
         site.refuse_row_of_batch(tensor, dim)
         return False
