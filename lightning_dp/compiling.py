@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lightning_dp.engine import deferred_ops
+from lightning_dp.engine.compiled_guard import CompiledGradients
 from lightning_dp.engine.make_private import _state, refuse_unplanned_trainable
 
 PASS_OPTION = "post_grad_custom_pre_pass"
@@ -52,8 +53,12 @@ def prepare_for_compile(model: nn.Module, within: Sequence[nn.Module] | None = N
         site.compiled = True
     clipper.shared = frozenset(_shared_parameters(state)) | frozenset(clipper.repeated)
     # Compiled primitives return clipped gradients through autograd, which the eager leak guard
-    # would reject; the eager step before compiling is where that guard checks the model.
+    # would reject: a whole compiled model's parameters take the guard that accepts only what
+    # their graph computed (``engine/compiled_guard.py``; its caller watches the graphs), those
+    # of FSDP's per-block graphs none (the eager step before compiling checks the model).
     state.unguarded |= compiled_params
+    if within is None and state.compiled is None:
+        state.compiled = CompiledGradients()
     for hook in state.hooks:
         hook.remove()
     state.guard()
@@ -106,7 +111,16 @@ def compile(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
     compiled = torch.compile(model, **_with_dp_pass(model, compile_kwargs))
     # the compiled wrapper's own hooks run eagerly, where parameters are the model's own
     compiled.register_forward_pre_hook(_TrainableCheck(model))
+    compiled.register_forward_hook(lambda module, args, output: watch_compiled_graphs(model, output))
     return compiled
+
+
+def watch_compiled_graphs(model: nn.Module, output: Any) -> None:
+    """Let the compiled parameters' leak guard know the graphs ``output`` was computed from
+    (``lightning_dp.compile`` does this for its output; the strategies for the loss)."""
+    compiled = _state(model).compiled
+    if compiled is not None and torch.is_grad_enabled():
+        compiled.watch(output)
 
 
 class _TrainableCheck:

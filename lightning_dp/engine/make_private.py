@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_flatten
 from lightning_dp.engine.adapters import is_dora_layer, refuse_repeated_prompts
 from lightning_dp.engine.clip_fns import ClipFn
 from lightning_dp.engine.clipper import Clipper, EngineOptions, Site
+from lightning_dp.engine.compiled_guard import CompiledGradients
 from lightning_dp.engine.groups import (
     ROOT,
     custom_groups,
@@ -65,20 +66,30 @@ class PrivateState:
     #: leak guard would reject
     unguarded: set[str] = field(default_factory=set)
 
+    #: Compiled graphs' gradients, which the guard of compiled parameters accepts (None: no
+    #: such guard, as under FSDP's per-block compilation)
+    compiled: CompiledGradients | None = None
+
     def guard(self) -> None:
         """Arm the leak guard on every trainable parameter."""
-        self.hooks = [p.register_hook(_LeakGuard(n, self.clipper))
-                      for n, p in self.params.items() if p.requires_grad and n not in self.unguarded]
+        self.hooks = []
+        for name, param in self.params.items():
+            if param.requires_grad:
+                self.arm(name, param)
 
     def arm(self, name: str, param: Tensor) -> None:
         """Arm the leak guard on ``param``, planned as ``name``, unless it carries it already:
         a new object under a planned name (``load_state_dict(assign=True)``, an unpickled
         model, whose parameters lose their hooks) would otherwise take stray gradients in."""
         if name in self.unguarded:
-            return
+            if self.compiled is None:
+                return
+            guard: _LeakGuard = _CompiledLeakGuard(name, self.clipper, self.compiled, param)
+        else:
+            guard = _LeakGuard(name, self.clipper)
         hooks = param._backward_hooks or {}
-        if not any(isinstance(h, _LeakGuard) and h.clipper is self.clipper for h in hooks.values()):
-            self.hooks.append(param.register_hook(_LeakGuard(name, self.clipper)))
+        if not any(type(h) is type(guard) and h.clipper is self.clipper for h in hooks.values()):
+            self.hooks.append(param.register_hook(guard))
 
     def __getstate__(self) -> dict[str, Any]:
         # the layout holds weak references, and hooks do not survive pickling: both are made
@@ -95,6 +106,8 @@ class PrivateState:
             unguarded=set(self.unguarded),
             clipping=copy.deepcopy(self.clipping, memo),
         )
+        if self.compiled is not None:
+            copied.compiled = CompiledGradients()
         copied.guard()
         return copied
 
@@ -613,4 +626,28 @@ class _LeakGuard:
             "through its module, or enable fallback=True when another module's forward reads it. "
             "A term of the loss that reads parameters directly (an L2 penalty, a regulariser) "
             "does not depend on the data: put it in the optimizer instead (weight_decay)."
+        )
+
+
+class _CompiledLeakGuard(_LeakGuard):
+    """The guard of a compiled parameter: its incoming gradient must be the one its compiled
+    graph computed (``engine/compiled_guard.py``), nothing summed with it."""
+
+    def __init__(self, name: str, clipper: Clipper, compiled: CompiledGradients, param: Tensor) -> None:
+        super().__init__(name, clipper)
+        self.compiled, self.param = compiled, weakref.ref(param)
+
+    def __call__(self, grad: Tensor | None) -> None:
+        param = self.param()
+        if grad is None or not self.clipper.enabled or param is None:
+            return
+        if self.compiled.came_from_graph(param, grad):
+            return
+        raise PrivacyLeakError(
+            f"Parameter `{self.name}` of a compiled private model received a gradient that did "
+            "not come (only) from its compiled graph: it is also read outside its module (in the "
+            "loss, say; a term switched on after the first, eager step is not checked there), or "
+            "the compiled model ran twice before this backward. That part bypassed per-example "
+            "clipping and would be released without a per-example bound. Compute the term from a "
+            "private module's output, or train that phase eagerly, where it is refused at once."
         )

@@ -18,6 +18,7 @@ from lightning.pytorch.trainer.states import RunningStage
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, default_collate
 
+from lightning_dp.compiling import watch_compiled_graphs
 from lightning_dp.data.microbatch import pad_batch
 from lightning_dp.engine import clipper_of
 from lightning_dp.engine.self_check import SelfCheckReport, self_check
@@ -123,6 +124,8 @@ class PrivateStepMixin:
         micro_batch = super().batch_to_device(micro_batch)
         with clipper_of(module).pinned_examples(batch_size_of(micro_batch)):
             output, summed = self._summed_training_loss(micro_batch, rest, kwargs)
+        if self._compiled:
+            watch_compiled_graphs(module, summed)
         if real == 0:
             summed = summed * 0  # the padding row's loss is not this rank's loss
         return {**output, "loss": summed} if isinstance(output, dict) else summed
