@@ -116,17 +116,23 @@ class Site:
         """Announce a primitive call on input ``x``; a row shared by every example is expanded to
         the batch, so that each example's gradient through this call can be taken apart."""
         self.announce()
-        rows = x.shape[dim]
-        if rows == self.clipper.examples:  # the common case, without formatting a message
+        if x.shape[dim] == self.clipper.examples:  # the common case, without formatting a message
             return x
-        if self.rows_are_examples(rows, f"input of shape {tuple(x.shape)}", x.requires_grad):
+        if not self.is_shared_row(x, dim):
             return x
-        self.refuse_row_of_batch(x, dim)
         shape = list(x.shape)
         if not torch.compiler.is_compiling():
             self.clipper.expanded[self.path] = tuple(shape)
         shape[dim] = self.clipper.examples
         return x.expand(shape)
+
+    def is_shared_row(self, x: Tensor, dim: int = 0) -> bool:
+        """False for an input with one row per example, True for one row every example shares;
+        refuses anything else, and one example's row sliced from the batch."""
+        if self.rows_are_examples(x.shape[dim], f"input of shape {tuple(x.shape)}", x.requires_grad):
+            return False
+        self.refuse_row_of_batch(x, dim)
+        return True
 
     def refuse_row_of_batch(self, x: Tensor, dim: int = 0) -> None:
         """Refuse a one-row input sliced from a tensor holding the forward's examples.

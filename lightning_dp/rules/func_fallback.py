@@ -160,15 +160,6 @@ class FuncFallbackRule(Rule):
         in_dims = [0 if isinstance(t, Tensor) and t.dim() > 0 else None for t in inputs]
         return in_dims, [0] * len(outputs)
 
-    @staticmethod
-    def _holds_examples(site, tensor: Tensor, dim: int) -> bool:
-        """True for one row per example; False for one row every example shares (refused when
-        it is one example's row, sliced from the batch: ``CallSite.refuse_row_of_batch``)."""
-        if site.rows_are_examples(tensor.shape[dim], f"input of shape {tuple(tensor.shape)}", tensor.requires_grad):
-            return True
-        site.refuse_row_of_batch(tensor, dim)
-        return False
-
     def forward(self, site, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         site.announce()
         names = list(site.param_keys)
@@ -185,7 +176,7 @@ class FuncFallbackRule(Rule):
         # Inputs with one row per example are mapped over; one row shared by all is passed whole
         # (vmap broadcasts it); anything else is refused by the site.
         call.input_dims = [
-            d if d is not None and self._holds_examples(site, t, d) else None
+            d if d is not None and not site.is_shared_row(t, d) else None
             for t, d in zip(tree_flatten((args, kwargs))[0], in_dims)
         ]
         call.batch_size = site.clipper.examples

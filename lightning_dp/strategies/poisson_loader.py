@@ -59,6 +59,14 @@ class ExampleRowsCollate:
         return batch
 
 
+def checked_collate(dataloader: DataLoader) -> ExampleRowsCollate:
+    """The loader's collate_fn (or the default one), checked to give one row per example."""
+    collate = dataloader.collate_fn
+    if isinstance(collate, ExampleRowsCollate):
+        return collate
+    return ExampleRowsCollate(collate or default_collate, dataloader.dataset)
+
+
 def _as_tree(batch: Any) -> Any:
     """A Mapping that is not a dict (``BatchEncoding``) as a dict; anything else as it is."""
     return dict(batch) if isinstance(batch, Mapping) and not isinstance(batch, dict) else batch
@@ -113,9 +121,7 @@ def fixed_batches_rate(dataloader: DataLoader, num_samples: int, world_size: int
     DistributedSampler pads a dataset that does not split evenly by repeating examples, and
     one example in two rows of a step has twice the sensitivity the noise is scaled to."""
     sampler = dataloader.sampler
-    user_sampler = sampler
-    if isinstance(sampler, DistributedSampler):  # Lightning wraps a user's sampler in one
-        user_sampler = getattr(getattr(sampler, "dataset", None), "_sampler", None)
+    user_sampler = _user_sampler(dataloader)
     if isinstance(user_sampler, (RandomSampler, WeightedRandomSampler)) and user_sampler.replacement:
         raise ValueError(
             f"poisson=False with a {type(user_sampler).__name__} that draws with replacement: an "
@@ -142,6 +148,14 @@ def fixed_batches_rate(dataloader: DataLoader, num_samples: int, world_size: int
     return min(1.0, world_size * dataloader.batch_size / num_samples)
 
 
+def _user_sampler(dataloader: DataLoader) -> Any:
+    """The sampler the user gave the loader: Lightning wraps it in a DistributedSampler."""
+    sampler = dataloader.sampler
+    if isinstance(sampler, DistributedSampler):
+        return getattr(getattr(sampler, "dataset", None), "_sampler", None)
+    return sampler
+
+
 def warn_if_sampler_overridden(dataloader: DataLoader, sample_rate: float) -> None:
     """Warn when Poisson sampling replaces a sampler that meant more than a random order.
 
@@ -150,9 +164,7 @@ def warn_if_sampler_overridden(dataloader: DataLoader, sample_rate: float) -> No
     intent (weights, a subset, replacement, a custom order) is dropped, because the guarantee
     rests on every example joining each batch independently with the same probability.
     """
-    sampler = dataloader.sampler
-    if isinstance(sampler, DistributedSampler):  # Lightning wraps a user's sampler in one
-        sampler = getattr(getattr(sampler, "dataset", None), "_sampler", None)
+    sampler = _user_sampler(dataloader)
     if sampler is None or type(sampler) in (SequentialSampler, DistributedSampler):
         return
     if type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None:
@@ -175,7 +187,7 @@ def poisson_dataloader(dataloader: DataLoader, sampler: PoissonBatchSampler) -> 
     """The same loader (collate, workers, pinning...) drawing Poisson logical batches."""
     kwargs: dict[str, Any] = {
         "num_workers": dataloader.num_workers,
-        "collate_fn": ExampleRowsCollate(dataloader.collate_fn or default_collate, dataloader.dataset),
+        "collate_fn": checked_collate(dataloader),
         "pin_memory": dataloader.pin_memory,
         "timeout": dataloader.timeout,
         "worker_init_fn": dataloader.worker_init_fn,

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.trainer.states import RunningStage
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 
 from lightning_dp.compiling import watch_compiled_graphs
 from lightning_dp.data.microbatch import pad_batch
@@ -31,7 +31,7 @@ from lightning_dp.strategies.loss import empty_loss, summed_loss
 from lightning_dp.strategies.monitors import warn_if_monitoring_training_metrics
 from lightning_dp.strategies.optimizers import evaluated_once, refuse_multi_evaluation_optimizer
 from lightning_dp.strategies.poisson_loader import (
-    ExampleRowsCollate,
+    checked_collate,
     fixed_batches_rate,
     poisson_dataloader,
     refuse_several_train_loaders,
@@ -64,8 +64,7 @@ class PrivateStepMixin:
             sample_rate = fixed_batches_rate(dataloader, num_samples, world_size)
             self.private.num_samples, self.private.sample_rate = num_samples, sample_rate
             self.private.fix_physical_batch_size()
-            if not isinstance(dataloader.collate_fn, ExampleRowsCollate):
-                dataloader.collate_fn = ExampleRowsCollate(dataloader.collate_fn or default_collate, dataloader.dataset)
+            dataloader.collate_fn = checked_collate(dataloader)
             return dataloader
         warn_if_sampler_overridden(dataloader, sample_rate)
         sampler = self.private.make_sampler(num_samples, sample_rate, rank, world_size)
