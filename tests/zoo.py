@@ -256,6 +256,13 @@ ZOO = [
                        attention_probs_dropout_prob=0.0, num_labels=3),
             lambda: {"pixel_values": torch.randn(BATCH, 3, 8, 8, generator=torch.Generator().manual_seed(4))},
             _logits),  # class token (expanded, concatenated) and position embeddings routed
+    # two tokens in one concatenation (class and distillation), one clipping group with the positions
+    ZooCase("deit", _hf("DeiTConfig", "DeiTForImageClassification", image_size=8, patch_size=4,
+                        num_channels=3, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=24, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, num_labels=3),
+            lambda: {"pixel_values": torch.randn(BATCH, 3, 8, 8, generator=torch.Generator().manual_seed(4))},
+            _logits),
     # the HF RMSNorm family (w * h, Gemma's h * (1 + w)) without the fallback
     ZooCase("llama", _hf("LlamaConfig", "LlamaForCausalLM", **_DECODER), _text, _logits),
     ZooCase("mistral", _hf("MistralConfig", "MistralForCausalLM", sliding_window=4, **_DECODER),

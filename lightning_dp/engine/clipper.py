@@ -97,10 +97,12 @@ class Site:
     def active(self) -> bool:
         return torch.is_grad_enabled() and self.clipper.enabled
 
-    def announce(self) -> None:
-        """Count one primitive call whose backward the clipper waits for."""
+    def announce(self, calls: int = 1) -> None:
+        """Count ``calls`` gradients the backward of a primitive call will hand over (one per
+        :meth:`record`); the clipper waits for them all before it clips their groups."""
         if not self.compiled:
-            self.clipper.on_forward(self)
+            for _ in range(calls):
+                self.clipper.on_forward(self)
 
     def rows_are_examples(self, rows: int, what: str = "input", carries_grad: bool = False) -> bool:
         """True when ``rows`` is the forward's example count, False when it is 1 (one row shared
@@ -353,6 +355,8 @@ class Clipper:
         for name in canonical:
             self._uses_per_param[name] += 1
         groups = site.groups
+        if not self._clipped.isdisjoint(groups):
+            self._refuse_late_use(site, use)
         if canonical and len(groups) == 1:
             group = groups[0]
             if self._pending[group] == 1 and group not in self._uses:
@@ -371,6 +375,25 @@ class Clipper:
                 # below 0: calls the forward never announced (a second backward through a
                 # retained graph), so how many will come is unknown: clipped at the end
                 self._pending[group] = remaining
+
+    def _refuse_late_use(self, site: Site, use: GradUse) -> None:
+        """A gradient for a group this backward has already clipped: clipping it apart would
+        give the group two clipped parts, each up to the threshold, so one example could move
+        the sum by twice the bound. A primitive that hands over more gradients than its forward
+        announced ends here, as does a reentrant checkpoint that :meth:`_refuse_split` missed."""
+        touched = {self.group_of[site.param_keys[use.names[role]]] for role in use.params}
+        late = sorted(self._clipped.intersection(touched))
+        if not late:
+            return
+        raise RuntimeError(
+            f"lightning-dp: `{site.path}` ({type(site.module).__name__}) handed over a gradient "
+            f"for clipping groups {late} after they had been clipped in this backward. Clipped "
+            "in two parts, each to the full threshold, the group's per-example gradient would "
+            "not be bounded by it, so the gradient is refused. This is a bug in the rule for "
+            f"{type(site.module).__name__} (each backward must report no more calls than its "
+            "forward announced); please report it. Until then, pass fallback=True or freeze "
+            f"`{site.path}`."
+        )
 
     def on_unrequested_backward(self, site: Site) -> None:
         """A call's backward that wants no parameter gradient (gradients of inputs only): its

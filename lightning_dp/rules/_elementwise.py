@@ -99,6 +99,9 @@ def concat(site: CallSite, parts: list[Tensor], dim: int, images: list[tuple[Ten
     examples = next(i for i, image in enumerate(images) if image is None)
     parts = list(parts)
     parts[examples] = site.enter(parts[examples])
+    # the backward hands over one gradient per parameter image (DeiT's class and distillation
+    # tokens are two) and ``enter`` announced one
+    site.announce(calls=sum(image is not None for image in images) - 1)
     params, spec = [], []
     for part, image in zip(parts, images):
         if image is None:

@@ -117,6 +117,12 @@ class CallSite(Protocol):
         """
         ...
 
+    def announce(self, calls: int = 1) -> None:
+        """Announce ``calls`` more :meth:`record` calls than :meth:`enter` did (one): the engine
+        clips a group once it has every gradient announced for it, and refuses one that comes
+        after, so a backward that records twice must have been announced twice."""
+        ...
+
     def record(self, use: GradUse) -> dict[str, Tensor] | None:
         """Hand over one call's gradient factors (eager: None; compiled: the clipped grads)."""
         ...

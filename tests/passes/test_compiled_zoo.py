@@ -46,6 +46,7 @@ EXACT = [
     _case("roberta", "flat"),
     _case("vit", "layer"),
     _case("vit", "flat"),  # class token (expanded, concatenated) and position embeddings routed
+    _case("deit", "layer"),  # two tokens in one concatenation
     _case("torch_encoder", "layer"),
     _case("torch_encoder", "flat"),
     _case("torch_decoder", "flat"),  # cross-attention through the projections
