@@ -61,6 +61,11 @@ def _logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return model(**batch).logits
 
 
+def _hidden_and_pooled(output: object) -> Tensor:
+    """Every token's hidden state and the pooled output (its own layer norm), per example."""
+    return torch.cat([output.last_hidden_state.flatten(1), output.pooler_output], dim=1)
+
+
 def _hf(config_name: str, model_name: str, **config: object) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import transformers
@@ -257,6 +262,12 @@ ZOO = [
             lambda: {"pixel_values": torch.randn(BATCH, 3, 8, 8, generator=torch.Generator().manual_seed(4))},
             _logits),  # class token (expanded, concatenated) and position embeddings routed
     # two tokens in one concatenation (class and distillation), one clipping group with the positions
+    # a 1-D class embedding expanded to [B, 1, d] (leading dims added) and concatenated
+    ZooCase("clip_vision", _hf("CLIPVisionConfig", "CLIPVisionModel", image_size=8, patch_size=4,
+                               num_channels=3, hidden_size=16, intermediate_size=24,
+                               num_hidden_layers=1, num_attention_heads=2),
+            lambda: {"pixel_values": torch.randn(BATCH, 3, 8, 8, generator=torch.Generator().manual_seed(4))},
+            lambda m, b: _hidden_and_pooled(m(**b))),
     ZooCase("deit", _hf("DeiTConfig", "DeiTForImageClassification", image_size=8, patch_size=4,
                         num_channels=3, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=24, hidden_dropout_prob=0.0,

@@ -366,14 +366,16 @@ def _binary(func: Any, op: str, scalar_factor: Any):
 
 
 def _expand(mode: _RouteOps, tensor: Any, *sizes: Any, **kwargs: Any):
-    """A one-row parameter image expanded to the batch (``cls_token.expand(B, -1, -1)``)."""
+    """A one-row parameter image expanded to the batch: ``cls_token.expand(B, -1, -1)`` (ViT's
+    [1, 1, d]), or with leading dims added, ``class_embedding.expand(B, 1, -1)`` (CLIP's [d])."""
     image = mode.image(tensor)
     if image is None or mode.expanded_from(tensor) is not None or kwargs:
         return NotImplemented
     result = Tensor.expand(tensor, *sizes)
-    if tensor.dim() != result.dim() or tensor.shape[0] != 1 or result.shape[0] == 1:
+    one_row = torch.Size((1,) * (result.dim() - tensor.dim()) + tuple(tensor.shape))
+    if one_row[0] != 1 or result.shape[0] == 1:
         return NotImplemented  # only a batch expansion of a one-row parameter is followed
-    mode.derived.append((result, image[0], image[1], tensor.shape))
+    mode.derived.append((result, image[0], image[1], one_row))
     return result
 
 
