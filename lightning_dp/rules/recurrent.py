@@ -24,14 +24,23 @@ _STATE_DIM = 1  # hidden and cell states: [layers * directions, B, H]
 class RecurrentRule(FuncFallbackRule):
     vectorized = False  # the fused recurrent kernels have no vmap batching rule
 
+    def forward(self, site, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        # before the fallback flattens it: a PackedSequence's leaves are its [sum(lengths), H]
+        # data, whose rows are time steps of every example
+        if isinstance(args[0] if args else kwargs.get("input"), PackedSequence):
+            raise ValueError(
+                f"`{site.path}` ({type(module).__name__}) was called with a PackedSequence, whose "
+                "rows are the time steps of all examples together; lightning-dp needs the "
+                "examples along a batch dimension. Pass the padded batch instead "
+                "(pad_packed_sequence(packed, batch_first=True), or the tensor you packed) and "
+                "take each example's output at its own length (exact for a unidirectional layer), e.g. "
+                "out[torch.arange(B), lengths - 1] for the last state."
+            )
+        return super().forward(site, module, *args, **kwargs)
+
     def example_dims(
         self, module: nn.RNNBase, inputs: list[Any], outputs: list[Tensor]
     ) -> tuple[list[int | None], list[int]]:
-        if isinstance(inputs[0], PackedSequence):
-            raise ValueError(
-                f"{type(module).__name__} was called with a PackedSequence; lightning-dp needs the "
-                "examples along a batch dimension. Pass the padded tensor and mask the outputs."
-            )
         if inputs[0].dim() != 3:
             raise ValueError(
                 f"{type(module).__name__} was called with an unbatched input of shape "

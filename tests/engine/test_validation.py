@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 import torch
+from oracle import clipped_sum, per_example_grads
 from torch import nn
 
 import lightning_dp as ldp
@@ -239,3 +240,45 @@ def test_prompts_peft_repeats_over_the_batch_are_refused(method):
         ldp.make_private(model, fallback=True)
     prefix = ldp.make_private(get_peft_model(_tiny_gpt2(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)))
     prefix(input_ids=torch.randint(0, 50, (4, 5))).logits.sum().backward()
+
+
+class _LastState(nn.Module):
+    """An LSTM classifier on each sequence's state at its own length, packed or padded."""
+
+    def __init__(self, packed: bool) -> None:
+        super().__init__()
+        self.packed, self.lstm, self.head = packed, nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            return self.head(self.lstm(packed)[1][0][-1])
+        out = self.lstm(x)[0]
+        return self.head(out[torch.arange(x.shape[0]), lengths - 1])
+
+
+def test_a_packed_sequence_is_refused_and_the_padded_form_it_names_is_exact():
+    """A PackedSequence's data has one row per time step of all examples: refused, naming the
+    layer. The padded form the message suggests gives each example the gradient its packed
+    sequence would, clipped and summed as the single-example loop of the packed model."""
+    torch.manual_seed(0)
+    x, lengths = torch.randn(4, 5, 3, dtype=torch.float64), torch.tensor([5, 3, 4, 2])
+    with pytest.raises(ValueError, match=r"`lstm` \(LSTM\) was called with a PackedSequence.*"
+                                         r"pad_packed_sequence.*lengths - 1"):
+        ldp.make_private(_LastState(packed=True).double())(x, lengths)
+
+    def loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return model(*batch).pow(2).sum()
+
+    packed = _LastState(packed=True).double()
+    grads = per_example_grads(packed, [(x[i : i + 1], lengths[i : i + 1]) for i in range(4)], loss)
+    names = [n for n, _ in packed.named_parameters()]
+    _, norms = clipped_sum(grads, {"flat": names}, {"flat": 1.0})
+    threshold = 0.5 * min(norms["flat"])
+    expected, _ = clipped_sum(grads, {"flat": names}, {"flat": threshold})
+    padded = _LastState(packed=False).double()
+    padded.load_state_dict(packed.state_dict())
+    private = ldp.make_private(padded, clipping="flat", max_grad_norm=threshold)
+    loss(private, (x, lengths)).backward()
+    for name, param in private.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-9, atol=1e-12, msg=name)
