@@ -622,8 +622,10 @@ class _LeakGuard:
         raise PrivacyLeakError(
             f"Parameter `{self.name}` received a gradient that bypassed per-example clipping: it "
             "is used outside its module's forward (e.g. read directly in another module or in "
-            "the loss). That gradient would be released without privacy. Use the parameter only "
-            "through its module, or enable fallback=True when another module's forward reads it. "
+            "the loss), or inside it through code the routing cannot follow (a custom "
+            "autograd.Function). That gradient would be released without privacy. Use the "
+            "parameter only through its module, enable fallback=True when another module's "
+            "forward reads it, or register a rule for a module with its own autograd.Function. "
             "A term of the loss that reads parameters directly (an L2 penalty, a regulariser) "
             "does not depend on the data: put it in the optimizer instead (weight_decay)."
         )

@@ -14,6 +14,8 @@ per example: privacy is unaffected, the recomputed gradient just uses another ma
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -76,7 +78,7 @@ class _Call:
             _, pullback = vjp(forward, params)
             return pullback(output_grads)[0]
 
-        with site.clipper.disabled(), torch.enable_grad():
+        with site.clipper.disabled(), torch.enable_grad(), _named_on_error(site):
             if self.vectorized:
                 return vmap(one_example, in_dims=(dims, tuple(self.output_dims)), randomness="different")(
                     tensors, self.output_grads
@@ -89,6 +91,23 @@ class _Call:
                 for i in range(self.batch_size)
             ]
             return {n: torch.stack([grads[n] for grads in per_example]) for n in params}
+
+
+@contextlib.contextmanager
+def _named_on_error(site) -> Iterator[None]:
+    """An error of the per-example recomputation, raised from inside torch.func in the
+    backward, names the module it recomputed and what to do."""
+    try:
+        yield
+    except RuntimeError as error:
+        if hasattr(error, "add_note"):  # 3.11+
+            error.add_note(
+                f"lightning-dp: raised while the torch.func fallback recomputed `{site.path}` "
+                f"({type(site.module).__name__}) per example. Code torch.func cannot transform "
+                "(e.g. an autograd.Function without setup_context, as in peft's LoHa) cannot be "
+                "clipped this way: freeze that module's parameters, or register a rule for it."
+            )
+        raise
 
 
 class _ParamTap(torch.autograd.Function):

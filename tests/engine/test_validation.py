@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import pytest
 import torch
@@ -282,3 +283,45 @@ def test_a_packed_sequence_is_refused_and_the_padded_form_it_names_is_exact():
     loss(private, (x, lengths)).backward()
     for name, param in private.named_parameters():
         torch.testing.assert_close(param.grad, expected[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+class _OldStyleSquare(torch.autograd.Function):
+    """An autograd.Function without setup_context (as peft's LoHa writes its own): torch.func
+    cannot run it."""
+
+    @staticmethod
+    def forward(ctx, w):
+        ctx.save_for_backward(w)
+        return w * w
+
+    @staticmethod
+    def backward(ctx, g):
+        (w,) = ctx.saved_tensors
+        return 2 * w * g
+
+
+class _SquaredWeight(nn.Module):
+    def __init__(self, exp: bool = True) -> None:
+        super().__init__()
+        self.w, self.exp = nn.Parameter(torch.randn(3, 3)), exp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.w.exp() if self.exp else self.w  # exp: not routed, so the fallback runs the module
+        return x @ _OldStyleSquare.apply(w)
+
+
+def test_a_parameter_read_by_a_custom_autograd_function_is_refused():
+    """Ops inside a custom Function's forward run without grad, so routing does not see the
+    parameter used; its raw gradient is refused when it arrives."""
+    model = ldp.make_private(nn.Sequential(_SquaredWeight(exp=False)), fallback=True)
+    with pytest.raises(ldp.PrivacyLeakError, match=r"`0.w` received a gradient that bypassed.*custom autograd.Function"):
+        model(torch.randn(4, 3)).sum().backward()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11+")
+def test_code_the_fallback_cannot_transform_is_named_in_the_error():
+    model = ldp.make_private(nn.Sequential(_SquaredWeight()), fallback=True)
+    with pytest.raises(RuntimeError, match="setup_context") as info:
+        model(torch.randn(4, 3)).sum().backward()
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "recomputed `0` (_SquaredWeight) per example" in notes and "freeze" in notes
