@@ -604,8 +604,18 @@ class _PlanCheckAfterBackward:
 
 
 #: Run outside the traced graph (a graph break before the model's forward), so that the check
-#: runs at every call and not only when the graph is traced.
-_refuse_unplanned_trainable_eagerly = torch.compiler.disable(refuse_unplanned_trainable)
+#: runs at every call and not only when the graph is traced. The reason is what dynamo shows a
+#: user who compiled the private model with torch.compile(..., fullgraph=True), where
+#: torch.compiler.disable takes one.
+_EAGER_CHECK = (
+    "lightning-dp checks the private model's trainable parameters outside the graph at every "
+    "forward; compile a private model with lightning_dp.compile(model) or "
+    "DPStrategy(compile=True), or torch.compile without fullgraph=True"
+)
+try:
+    _refuse_unplanned_trainable_eagerly = torch.compiler.disable(refuse_unplanned_trainable, reason=_EAGER_CHECK)
+except TypeError:  # an older torch: no reason
+    _refuse_unplanned_trainable_eagerly = torch.compiler.disable(refuse_unplanned_trainable)
 
 
 class _LeakGuard:

@@ -7,6 +7,7 @@ Compilation on CPU costs seconds per model, so one compound model covers the com
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -147,6 +148,17 @@ def test_plain_torch_compile_checks_the_plan_at_every_call():
     model[0].requires_grad_(True)
     with pytest.raises(ValueError, match=r"\['0.weight', '0.bias'\] became trainable after"):
         compiled(x)
+
+
+@pytest.mark.skipif("reason" not in inspect.signature(torch.compiler.disable).parameters,
+                    reason="this torch's compiler.disable takes no reason")
+def test_plain_fullgraph_compile_names_lightning_dp_compile():
+    """That check is a graph break, which fullgraph=True refuses: dynamo's error says why and
+    what to call instead, not only that a disabled function was skipped."""
+    private = ldp.make_private(nn.Sequential(nn.Linear(4, 3)))
+    compiled = torch.compile(private, backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match=r"compile a private model with lightning_dp.compile\(model\)"):
+        compiled(torch.randn(2, 4))
 
 
 def test_pass_is_inert_in_inference_graphs():
