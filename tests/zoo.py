@@ -371,6 +371,13 @@ ZOO = [
                        max_position_embeddings=32, word_embed_proj_dim=16, dropout=0.0,
                        attention_dropout=0.0),
             _text, _logits, refused=r"final_layer_norm.*rows"),
+    # choices merged into the batch ([B, C, T] viewed as [B*C, T]): refused, naming the merge
+    ZooCase("bert_multiple_choice", _hf("BertConfig", "BertForMultipleChoice", vocab_size=VOCAB,
+                                        hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=24, hidden_dropout_prob=0.0,
+                                        attention_probs_dropout_prob=0.0, max_position_embeddings=32),
+            lambda: {k: v.unsqueeze(1).expand(-1, 2, -1).contiguous() for k, v in _text().items()},
+            _logits, refused=r"word_embeddings.*2 times the examples: perhaps the model merged"),
     ZooCase("lora_llama", _lora(_hf("LlamaConfig", "LlamaForCausalLM", **_DECODER),
                                 ["q_proj", "v_proj", "down_proj"]),
             _text, _logits, needs=("transformers", "peft")),

@@ -275,6 +275,13 @@ class Clipper:
         after = (" It was called after the model's forward, on a tensor computed from it (such as "
                  "a head on hidden states flattened to [B*T, d]), so its rows are that forward's "
                  "examples: keep them on dim 0 ([B, T, d]).") if continued else ""
+        if not continued and rows % self.examples == 0:
+            after = (f" Its rows are {rows // self.examples} times the examples: perhaps the model merged "
+                     "the examples with another dimension (hidden states flattened to [B*T, d] as "
+                     "OPT's MLP does, Swin's windows, a multiple-choice model's [B*C, T] inputs, a "
+                     "mixture of experts' routed tokens), and which rows belong to which example "
+                     "cannot be told there. Freeze this module, or train adapters (LoRA) on layers "
+                     "whose inputs keep one row per example.")
         raise ExampleMismatchError(
             f"`{site.path}` ({type(site.module).__name__}) was called with an {what} whose "
             f"leading dimension has {rows} rows, but this forward holds {self.examples} examples.{after} "
