@@ -268,6 +268,12 @@ ZOO = [
                                num_hidden_layers=1, num_attention_heads=2),
             lambda: {"pixel_values": torch.randn(BATCH, 3, 8, 8, generator=torch.Generator().manual_seed(4))},
             lambda m, b: _hidden_and_pooled(m(**b))),
+    # a pooling head's probe repeated per example (probe.repeat(B, 1, 1)) as an attention's query
+    ZooCase("siglip_vision", _hf("SiglipVisionConfig", "SiglipVisionModel", image_size=8, patch_size=4,
+                                 num_channels=3, hidden_size=16, intermediate_size=24,
+                                 num_hidden_layers=1, num_attention_heads=2),
+            lambda: {"pixel_values": torch.randn(BATCH, 3, 8, 8, generator=torch.Generator().manual_seed(4))},
+            lambda m, b: _hidden_and_pooled(m(**b))),
     ZooCase("deit", _hf("DeiTConfig", "DeiTForImageClassification", image_size=8, patch_size=4,
                         num_channels=3, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=24, hidden_dropout_prob=0.0,

@@ -97,12 +97,11 @@ class Site:
     def active(self) -> bool:
         return torch.is_grad_enabled() and self.clipper.enabled
 
-    def announce(self, calls: int = 1) -> None:
-        """Count ``calls`` gradients the backward of a primitive call will hand over (one per
-        :meth:`record`); the clipper waits for them all before it clips their groups."""
+    def announce(self) -> None:
+        """Count one primitive call, whose backward hands over one gradient (:meth:`record`);
+        the clipper waits for every call announced before it clips their groups."""
         if not self.compiled:
-            for _ in range(calls):
-                self.clipper.on_forward(self)
+            self.clipper.on_forward(self)
 
     def rows_are_examples(self, rows: int, what: str = "input", carries_grad: bool = False) -> bool:
         """True when ``rows`` is the forward's example count, False when it is 1 (one row shared

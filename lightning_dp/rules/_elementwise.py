@@ -1,5 +1,5 @@
 """``x * v`` and ``x + v`` where ``v`` is a module's own parameter, or an affine image of it
-(``1 + w``, ``w.float()``), broadcast over the examples.
+(``1 + w``, ``w.float()``), broadcast over the examples; and such a ``v`` expanded to the batch.
 
 The HF RMSNorm family (``self.weight * h``, Gemma's ``h * (1.0 + self.weight.float())``),
 layer-scale vectors and bare biases all end in one such op. Its per-example gradient is the
@@ -67,51 +67,30 @@ class _ElementwiseFn(torch.autograd.Function):
         return None, None, None, None, grad_x, None, grads.get("param")
 
 
-class _ConcatFn(torch.autograd.Function):
+class _BroadcastFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, site, dim, spec, *tensors: Tensor):
-        parts, params = tensors[: len(spec)], tensors[len(spec):]
-        ctx.site, ctx.dim, ctx.spec, ctx.params = site, dim, spec, params
-        ctx.sizes = [part.shape[dim] for part in parts]
-        ctx.dtypes = [part.dtype for part in parts]
-        return torch.cat(parts, dim)
+    def forward(ctx, site, name, factor, one_row, expanded: Tensor, param: Tensor):
+        ctx.site, ctx.name, ctx.factor, ctx.one_row, ctx.param = site, name, factor, one_row, param
+        # a copy: a custom Function's view output could not be changed in place, as the
+        # model's own expanded tensor (a view) or repeated one (a copy) can
+        return expanded.clone()
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        grads_in: list[Tensor | None] = []
-        grads_param: list[Tensor | None] = [None] * len(ctx.params)
-        for part, (g_part, entry) in enumerate(zip(g.split(ctx.sizes, ctx.dim), ctx.spec)):
-            if entry is None:
-                grads_in.append(g_part.to(ctx.dtypes[part]))
-                continue
-            index, name, base_shape, factor = entry
-            use = ElementwiseUse(None, g_part, ctx.params[index], name, base_shape, factor)
-            grads_param[index] = (ctx.site.record(use) or {}).get("param")
-            grads_in.append(None)
-        return (None, None, None, *grads_in, *grads_param)
+        use = ElementwiseUse(None, g, ctx.param, ctx.name, ctx.one_row, ctx.factor)
+        grads = ctx.site.record(use) or {}
+        return None, None, None, None, None, grads.get("param")
 
 
-def concat(site: CallSite, parts: list[Tensor], dim: int, images: list[tuple[Tensor, str, torch.Size, float] | None]) -> Tensor:
-    """``torch.cat(parts, dim)`` where some parts are a parameter (times ``factor``) expanded
-    from ``base_shape`` (one row) to the batch, e.g. ViT's class token; the others hold the
-    examples. Each such parameter's per-example gradient is its slice of the output gradient,
-    summed over the dims it was broadcast along."""
-    examples = next(i for i, image in enumerate(images) if image is None)
-    parts = list(parts)
-    parts[examples] = site.enter(parts[examples])
-    # the backward hands over one gradient per parameter image (DeiT's class and distillation
-    # tokens are two) and ``enter`` announced one
-    site.announce(calls=sum(image is not None for image in images) - 1)
-    params, spec = [], []
-    for part, image in zip(parts, images):
-        if image is None:
-            spec.append(None)
-            continue
-        param, name, base_shape, factor = image
-        spec.append((len(params), name, base_shape, factor))
-        params.append(param)
-    values = [part if image is None else part.detach() for part, image in zip(parts, images)]
-    return _ConcatFn.apply(site, dim, tuple(spec), *values, *params)
+def broadcast(site: CallSite, value: Tensor, param: Tensor, name: str, factor: float, shape: torch.Size) -> Tensor:
+    """``value`` (``factor * param + c``, one row) expanded to ``shape``, whose dim 0 holds the
+    forward's examples: ViT's ``cls_token.expand(B, -1, -1)``, a Perceiver's latents or a
+    pooling head's probe repeated per example. Each example's row is its own copy, whatever
+    consumes it (a concatenation, an attention's query), so its gradient is that example's:
+    the output gradient summed over the dims ``value`` was broadcast along."""
+    one_row = torch.Size((1,) * (len(shape) - value.dim()) + tuple(value.shape))
+    expanded = site.enter(value.detach().reshape(one_row).expand(shape))
+    return _BroadcastFn.apply(site, name, factor, one_row, expanded, param)
 
 
 def broadcasts_over_examples(x: Tensor, value: Tensor) -> bool:

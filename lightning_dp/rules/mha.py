@@ -80,7 +80,9 @@ class MultiheadAttentionRule(Rule):
             raise RuntimeError("Need attn_mask if specifying the is_causal hint.")
         q, k, v = _in_projection(site, module, query, key, value)
         batch, heads = q.shape[0], module.num_heads
-        q, k, v = (t.unflatten(-1, (heads, module.head_dim)).transpose(1, 2) for t in (q, k, v))
+        # reshape, not unflatten: under a parent module's routing mode dynamo cannot trace
+        # Tensor.unflatten (a Python method calling super()) when compiling
+        q, k, v = (t.reshape(*t.shape[:2], heads, module.head_dim).transpose(1, 2) for t in (q, k, v))
         mask = _additive_mask(attn_mask, key_padding_mask, q, batch, heads, k.shape[2])
         dropout = module.dropout if module.training else 0.0
         if need_weights:

@@ -117,10 +117,10 @@ class CallSite(Protocol):
         """
         ...
 
-    def announce(self, calls: int = 1) -> None:
-        """Announce ``calls`` more :meth:`record` calls than :meth:`enter` did (one): the engine
-        clips a group once it has every gradient announced for it, and refuses one that comes
-        after, so a backward that records twice must have been announced twice."""
+    def announce(self) -> None:
+        """Announce one call without an input to check (:meth:`enter` announces one too): the
+        engine clips a group once it has the one gradient of every call announced for it, and
+        refuses a gradient that comes after, so each backward records exactly once."""
         ...
 
     def record(self, use: GradUse) -> dict[str, Tensor] | None:

@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from lightning_dp.rules._affine import affine
-from lightning_dp.rules._elementwise import broadcasts_over_examples, concat, elementwise
+from lightning_dp.rules._elementwise import broadcast, broadcasts_over_examples, elementwise
 from lightning_dp.rules._norm_affine import group_norm, layer_norm
 from lightning_dp.rules.base import CallSite, Rule
 from lightning_dp.rules.conv import conv
@@ -83,12 +83,10 @@ class _RouteOps(TorchFunctionMode):
         super().__init__()
         self.site = site
         self.params = {n: p for n, p in module.named_parameters(recurse=False) if n in site.param_keys}
-        #: (tensor, parameter name, a, base shape) for tensors computed as ``a * param + c`` in
-        #: this forward; base shape: the one-row shape a parameter image was expanded from to
-        #: the batch (ViT's class token before ``torch.cat``), else None.
+        #: (tensor, parameter name, a) for tensors computed as ``a * param + c`` in this forward.
         #: Tensors are matched by identity (``is``), never by ``id()``: under dynamo, ``id()``
         #: of a graph input would guard on that very object and recompile at every new batch.
-        self.derived: list[tuple[Tensor, str, float, torch.Size | None]] = []
+        self.derived: list[tuple[Tensor, str, float]] = []
         #: (tensor, parameter name) for transposes (``w.t()``) of this module's own 2-D
         #: parameters, which ``x @ w.t()`` uses as a linear layer's weight. Not images: their
         #: entries are the parameter's in another layout, which elementwise routes cannot map.
@@ -108,7 +106,7 @@ class _RouteOps(TorchFunctionMode):
         name = self.owned(tensor)
         if name is not None:
             return name, 1.0
-        for derived, name, factor, _ in self.derived:
+        for derived, name, factor in self.derived:
             if tensor is derived:
                 return name, factor
         return None
@@ -118,13 +116,6 @@ class _RouteOps(TorchFunctionMode):
         for transposed, name in self.transposes:
             if tensor is transposed:
                 return name
-        return None
-
-    def expanded_from(self, tensor: Any) -> torch.Size | None:
-        """The one-row shape ``tensor`` (a parameter image) was expanded from to the batch."""
-        for derived, _, _, base in self.derived:
-            if tensor is derived:
-                return base
         return None
 
     def names(self, **params: Tensor | None) -> dict[str, str] | None:
@@ -293,14 +284,14 @@ def _derive(func: Any, factor_of: Any):
 
     def route(mode: _RouteOps, tensor: Any, *args: Any, **kwargs: Any):
         image = mode.image(tensor)
-        if image is None or mode.expanded_from(tensor) is not None:
+        if image is None:
             return NotImplemented
         factor = factor_of(tensor, *args, **kwargs)
         if factor is None:
             return NotImplemented
         result = func(tensor, *args, **kwargs)  # the mode is off inside its own handler
         if isinstance(result, Tensor) and result.numel() == tensor.numel():
-            mode.derived.append((result, image[0], image[1] * factor, None))
+            mode.derived.append((result, image[0], image[1] * factor))
         return result
 
     return route
@@ -348,15 +339,13 @@ def _binary(func: Any, op: str, scalar_factor: Any):
         image_a, image_b = mode.image(a), mode.image(b)
         if (image_a is None) == (image_b is None):
             return NotImplemented  # no parameter, or both operands from parameters
-        if mode.expanded_from(a) is not None or mode.expanded_from(b) is not None:
-            return NotImplemented
         value, x, (name, factor) = (a, b, image_a) if image_a is not None else (b, a, image_b)
         if not isinstance(x, Tensor):
             scale = scalar_factor(value, x)
             if scale is None:
                 return NotImplemented
             result = func(a, b)
-            mode.derived.append((result, name, factor * scale, None))
+            mode.derived.append((result, name, factor * scale))
             return result
         if not broadcasts_over_examples(x, value):
             return NotImplemented
@@ -365,32 +354,39 @@ def _binary(func: Any, op: str, scalar_factor: Any):
     return route
 
 
-def _expand(mode: _RouteOps, tensor: Any, *sizes: Any, **kwargs: Any):
-    """A one-row parameter image expanded to the batch: ``cls_token.expand(B, -1, -1)`` (ViT's
-    [1, 1, d]), or with leading dims added, ``class_embedding.expand(B, 1, -1)`` (CLIP's [d])."""
+def _to_examples(mode: _RouteOps, tensor: Any, shape: torch.Size | None):
+    """A one-row parameter image broadcast to ``shape`` along the examples (dim 0 the batch,
+    leading dims added as needed): the broadcast primitive; anything else is not followed."""
     image = mode.image(tensor)
-    if image is None or mode.expanded_from(tensor) is not None or kwargs:
+    if image is None or shape is None:
         return NotImplemented
-    result = Tensor.expand(tensor, *sizes)
-    one_row = torch.Size((1,) * (result.dim() - tensor.dim()) + tuple(tensor.shape))
-    if one_row[0] != 1 or result.shape[0] == 1:
-        return NotImplemented  # only a batch expansion of a one-row parameter is followed
-    mode.derived.append((result, image[0], image[1], one_row))
-    return result
+    one_row = (1,) * (len(shape) - tensor.dim()) + tuple(tensor.shape)
+    if one_row[0] != 1 or shape[0] == 1 or not mode.site.holds_examples(shape[0]):
+        return NotImplemented  # not a batch expansion: left to the refusal (or the fallback)
+    name, factor = image
+    return broadcast(mode.site, tensor, mode.params[name], name, factor, shape)
 
 
-def _cat(mode: _RouteOps, tensors: Any, dim: int = 0):
-    """``torch.cat`` of batch-expanded parameter images (class tokens) with per-example rows."""
-    images = []
-    for tensor in tensors:
-        image, base = mode.image(tensor), mode.expanded_from(tensor)
-        if image is not None and base is None:
-            return NotImplemented  # a parameter image that does not hold the batch
-        images.append(None if image is None else (mode.params[image[0]], image[0], base, image[1]))
-    dim = dim % tensors[0].dim()
-    if all(image is None for image in images) or all(image is not None for image in images) or dim == 0:
+def _expand(mode: _RouteOps, tensor: Any, *sizes: Any, **kwargs: Any):
+    """``cls_token.expand(B, -1, -1)`` (ViT's [1, 1, d]), ``class_embedding.expand(B, 1, -1)``
+    (CLIP's [d], leading dims added)."""
+    if kwargs or not isinstance(tensor, Tensor) or mode.image(tensor) is None:
         return NotImplemented
-    return concat(mode.site, list(tensors), dim, images)
+    return _to_examples(mode, tensor, Tensor.expand(tensor.detach(), *sizes).shape)
+
+
+def _repeat(mode: _RouteOps, tensor: Any, *repeats: Any, **kwargs: Any):
+    """``probe.repeat(B, 1, 1)`` (SigLIP's pooling head): a batch expansion when every dim is
+    repeated only where it has size 1, so that tiling and broadcasting agree."""
+    if kwargs or not isinstance(tensor, Tensor) or mode.image(tensor) is None:
+        return NotImplemented
+    counts = tuple(repeats[0]) if len(repeats) == 1 and isinstance(repeats[0], (tuple, list, torch.Size)) else repeats
+    if not all(isinstance(c, int) for c in counts) or len(counts) < tensor.dim():
+        return NotImplemented
+    padded = (1,) * (len(counts) - tensor.dim()) + tuple(tensor.shape)
+    if any(c != 1 and s != 1 for c, s in zip(counts, padded)):
+        return NotImplemented
+    return _to_examples(mode, tensor, torch.Size(c * s for c, s in zip(counts, padded)))
 
 
 _ROUTES = {
@@ -404,7 +400,7 @@ _ROUTES = {
     F.rms_norm: _rms_norm,
     F.group_norm: _group_norm,
     Tensor.expand: _expand,
-    torch.cat: _cat,
+    Tensor.repeat: _repeat,
 }
 _SAME = ("float", "double", "half", "bfloat16", "to", "type_as", "contiguous", "reshape", "unsqueeze",
          "squeeze", "clone")

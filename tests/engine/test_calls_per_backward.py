@@ -1,6 +1,7 @@
 """A group is clipped once, with every gradient its forward announced: DeiT's class and
 distillation tokens (two parameters in one ``torch.cat``) used to hand over one gradient more
-than the forward announced, and the group was clipped in two parts, each to the threshold."""
+than the forward announced, and the group was clipped in two parts, each to the threshold.
+Parameters expanded to the batch are now each their own call, whatever consumes them."""
 
 from __future__ import annotations
 
@@ -89,12 +90,21 @@ def test_removing_one_example_moves_the_group_by_at_most_its_threshold():
 
 
 def test_a_gradient_the_forward_did_not_announce_is_refused(monkeypatch):
-    """The negative control: with the concat's extra announcement dropped (the old primitive),
-    the tokens' third gradient comes after their group was clipped. It is refused; let through,
-    the group is clipped in two parts and one example moves the sum past the threshold."""
+    """The negative control: with one of the tokens' three calls not announced (as the old
+    concatenation primitive announced one call for its two tokens), its gradient comes after
+    the group was clipped. It is refused; let through, the group is clipped in two parts and one
+    example moves the sum past the threshold."""
     plain, x, threshold = _setup(fraction=0.1)  # each part is clipped to the threshold
-    announce = Site.announce
-    monkeypatch.setattr(Site, "announce", lambda self, calls=None: announce(self) if calls is None else None)
+    announce, calls = Site.announce, []
+
+    def one_call_unannounced(site: Site) -> None:
+        if site.path == "embeddings":
+            calls.append(site)
+            if len(calls) % 3 == 2:  # the distillation token's
+                return
+        announce(site)
+
+    monkeypatch.setattr(Site, "announce", one_call_unannounced)
     with pytest.raises(RuntimeError, match=r"`embeddings` \(TwoTokens\) handed over a gradient for clipping "
                                            r"groups \['embeddings'\] after they had been clipped"):
         _private_grads(plain, x, threshold)

@@ -47,6 +47,7 @@ EXACT = [
     _case("vit", "layer"),
     _case("vit", "flat"),  # class token (expanded, concatenated) and position embeddings routed
     _case("deit", "layer"),  # two tokens in one concatenation
+    _case("siglip_vision", "layer"),  # a probe repeated per example as an attention's query
     _case("torch_encoder", "layer"),
     _case("torch_encoder", "flat"),
     _case("torch_decoder", "flat"),  # cross-attention through the projections
