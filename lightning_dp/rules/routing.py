@@ -354,12 +354,9 @@ def _binary(func: Any, op: str, scalar_factor: Any):
     return route
 
 
-def _to_examples(mode: _RouteOps, tensor: Any, shape: torch.Size | None):
-    """A one-row parameter image broadcast to ``shape`` along the examples (dim 0 the batch,
-    leading dims added as needed): the broadcast primitive; anything else is not followed."""
-    image = mode.image(tensor)
-    if image is None or shape is None:
-        return NotImplemented
+def _to_examples(mode: _RouteOps, tensor: Tensor, image: tuple[str, float], shape: torch.Size):
+    """The parameter image ``tensor``, one row, broadcast to ``shape`` along the examples (dim 0
+    the batch, leading dims added as needed): the broadcast primitive; else not followed."""
     one_row = (1,) * (len(shape) - tensor.dim()) + tuple(tensor.shape)
     if one_row[0] != 1 or shape[0] == 1 or not mode.site.holds_examples(shape[0]):
         return NotImplemented  # not a batch expansion: left to the refusal (or the fallback)
@@ -370,23 +367,25 @@ def _to_examples(mode: _RouteOps, tensor: Any, shape: torch.Size | None):
 def _expand(mode: _RouteOps, tensor: Any, *sizes: Any, **kwargs: Any):
     """``cls_token.expand(B, -1, -1)`` (ViT's [1, 1, d]), ``class_embedding.expand(B, 1, -1)``
     (CLIP's [d], leading dims added)."""
-    if kwargs or not isinstance(tensor, Tensor) or mode.image(tensor) is None:
+    image = mode.image(tensor)
+    if image is None or kwargs:
         return NotImplemented
-    return _to_examples(mode, tensor, Tensor.expand(tensor.detach(), *sizes).shape)
+    return _to_examples(mode, tensor, image, Tensor.expand(tensor.detach(), *sizes).shape)
 
 
 def _repeat(mode: _RouteOps, tensor: Any, *repeats: Any, **kwargs: Any):
     """``probe.repeat(B, 1, 1)`` (SigLIP's pooling head): a batch expansion when every dim is
     repeated only where it has size 1, so that tiling and broadcasting agree."""
-    if kwargs or not isinstance(tensor, Tensor) or mode.image(tensor) is None:
+    image = mode.image(tensor)
+    if image is None or kwargs:
         return NotImplemented
-    counts = tuple(repeats[0]) if len(repeats) == 1 and isinstance(repeats[0], (tuple, list, torch.Size)) else repeats
-    if not all(isinstance(c, int) for c in counts) or len(counts) < tensor.dim():
+    counts = tuple(repeats[0]) if len(repeats) == 1 and isinstance(repeats[0], (tuple, list)) else repeats
+    if not all(isinstance(c, (int, torch.SymInt)) for c in counts) or len(counts) < tensor.dim():
         return NotImplemented
     padded = (1,) * (len(counts) - tensor.dim()) + tuple(tensor.shape)
     if any(c != 1 and s != 1 for c, s in zip(counts, padded)):
         return NotImplemented
-    return _to_examples(mode, tensor, torch.Size(c * s for c, s in zip(counts, padded)))
+    return _to_examples(mode, tensor, image, torch.Size(c * s for c, s in zip(counts, padded)))
 
 
 _ROUTES = {
