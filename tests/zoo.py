@@ -61,6 +61,16 @@ def _logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return model(**batch).logits
 
 
+def _forecast_batch() -> dict[str, Tensor]:
+    """Past values with their time features, and the future ones teacher forcing reads."""
+    g = torch.Generator().manual_seed(8)
+    return {"past_values": torch.randn(BATCH, 10, generator=g),
+            "past_time_features": torch.randn(BATCH, 10, 1, generator=g),
+            "past_observed_mask": torch.ones(BATCH, 10),
+            "future_values": torch.randn(BATCH, 4, generator=g),
+            "future_time_features": torch.randn(BATCH, 4, 1, generator=g)}
+
+
 def _hidden_and_pooled(output: object) -> Tensor:
     """Every token's hidden state and the pooled output (its own layer norm), per example."""
     return torch.cat([output.last_hidden_state.flatten(1), output.pooler_output], dim=1)
@@ -348,6 +358,22 @@ ZOO = [
             lambda: {"input_features": torch.randn(BATCH, 4, 8, generator=torch.Generator().manual_seed(5)),
                      "decoder_input_ids": _ids(6)[:, :4]},
             _logits),
+    # time series (health monitoring is a DP use case): patches mixed by MLPs, and a probabilistic
+    # forecaster (lagged values, time features, an encoder-decoder) read by its distribution's parameters
+    ZooCase("patchtsmixer", _hf("PatchTSMixerConfig", "PatchTSMixerForTimeSeriesClassification",
+                                num_input_channels=2, context_length=16, patch_length=4,
+                                patch_stride=4, d_model=8, num_layers=1, num_targets=3, dropout=0.0,
+                                head_dropout=0.0, norm_mlp="LayerNorm", scaling=None),
+            lambda: {"past_values": torch.randn(BATCH, 16, 2, generator=torch.Generator().manual_seed(7))},
+            lambda m, b: m(**b).prediction_outputs),
+    ZooCase("time_series_transformer",
+            _hf("TimeSeriesTransformerConfig", "TimeSeriesTransformerForPrediction", prediction_length=4,
+                context_length=8, lags_sequence=[1, 2], num_time_features=1, d_model=8,
+                encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16, dropout=0.0,
+                attention_dropout=0.0, activation_dropout=0.0, encoder_layerdrop=0.0,
+                decoder_layerdrop=0.0, scaling=None),
+            _forecast_batch, lambda m, b: torch.cat([p.flatten(1) for p in m(**b).params], dim=1)),
     ZooCase("lora_gpt2", _lora(_GPT2, ["c_attn", "c_proj"]),
             _text, _logits, needs=("transformers", "peft")),
     # peft adapters read by their layer's forward in ways no rule's op sees (DoRA's factors on an
