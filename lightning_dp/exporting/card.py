@@ -134,6 +134,7 @@ def make_card(
         "neighbouring_relation": NEIGHBOURING_RELATION,
         "noise_multiplier": privacy.noise_multiplier,
         "sample_rate": sample_rate,
+        "sample_rates": _sample_rates(ledger),
         "poisson_sampling": privacy.poisson,
         "steps": steps,
         "dataset_size": num_samples,
@@ -151,6 +152,21 @@ def make_card(
         "lightning_dp_version": _version("lightning-dp"),
         "torch_version": torch.__version__,
     }
+
+
+def _sample_rates(ledger: PrivacyLedger) -> list[list[float]]:
+    """``[q, steps]`` for each sampling rate the DP-SGD steps used, in order. ``sample_rate``
+    and ``dataset_size`` are the last train loader's; a loader reloaded with another size
+    (``reload_dataloaders_every_n_epochs``) trained the earlier steps at another rate."""
+    rates: list[list[float]] = []
+    for entry in ledger.history:
+        if entry.kind != "step":
+            continue
+        if rates and rates[-1][0] == entry.sample_rate:
+            rates[-1][1] += entry.count
+        else:
+            rates.append([entry.sample_rate, entry.count])
+    return rates
 
 
 def _adaptive_settings(privacy: PrivacySettings) -> dict[str, Any]:

@@ -123,6 +123,9 @@ def test_a_reloaded_train_set_that_shrinks_stays_within_the_target(replan, monke
         return
     rates = [round(entry.sample_rate, 4) for entry in ledger._history]
     assert rates == [0.125, 0.5] and ledger.steps > 8  # it went on at the new rate, then stopped
+    card = lightning_dp.privacy_card(fitted)  # the last loader's rate, and every rate used
+    assert card["sample_rate"] == 0.5 and card["dataset_size"] == 16
+    assert card["sample_rates"] == [[0.125, 8], [0.5, ledger.steps - 8]]
     assert ledger.epsilon(1e-3) <= target
     assert ledger.epsilon_after(1e-3, noise_multiplier=strategy.private.effective_noise_multiplier,
                                 sample_rate=0.5, steps=1) > target
