@@ -88,10 +88,13 @@ class PrivacyReport(Callback):
 
 def render_text(card: dict[str, Any]) -> str:
     """The few lines printed at the end of training."""
+    rates = card["sample_rates"]
+    q = (f"{card['sample_rate']:.4g}" if len(rates) <= 1
+         else ", ".join(f"{rate:.4g} ({steps} steps)" for rate, steps in rates))
     return (
         f"lightning-dp privacy report: ({card['epsilon']:.4g}, {card['delta']:.3g})-DP "
         f"[{card['accountant']}, {card['neighbouring_relation']}]\n"
-        f"  sigma={card['noise_multiplier']:.4g}  q={card['sample_rate']:.4g}  steps={card['steps']}  "
+        f"  sigma={card['noise_multiplier']:.4g}  q={q}  steps={card['steps']}  "
         f"N={card['dataset_size']}\n"
         f"  clipping={card['clipping']} ({card['clip_fn']}), {len(card['thresholds'])} groups, "
         f"sensitivity={card['sensitivity']:.4g}"

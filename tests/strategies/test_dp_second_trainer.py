@@ -12,6 +12,7 @@ from dp_fixtures import Classifier, flat_params, lightning_dp, toy_dataset, trai
 from torch.utils.data import DataLoader
 
 from lightning_dp.accounting import epsilon
+from lightning_dp.callbacks.privacy_report import render_text
 
 N, BATCH, DELTA = 96, 24, 1e-3  # 4 steps per epoch
 
@@ -126,6 +127,7 @@ def test_a_reloaded_train_set_that_shrinks_stays_within_the_target(replan, monke
     card = lightning_dp.privacy_card(fitted)  # the last loader's rate, and every rate used
     assert card["sample_rate"] == 0.5 and card["dataset_size"] == 16
     assert card["sample_rates"] == [[0.125, 8], [0.5, ledger.steps - 8]]
+    assert f"q=0.125 (8 steps), 0.5 ({ledger.steps - 8} steps)" in render_text(card)
     assert ledger.epsilon(1e-3) <= target
     assert ledger.epsilon_after(1e-3, noise_multiplier=strategy.private.effective_noise_multiplier,
                                 sample_rate=0.5, steps=1) > target
