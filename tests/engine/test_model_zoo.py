@@ -49,7 +49,7 @@ def test_zoo_private_forward_equals_plain_forward(case):
     torch.testing.assert_close(case.output(private, batch), want, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("gpt2", "bert", "llama", "whisper", "lora_llama")])
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("gpt2", "bert", "llama", "whisper", "lora_llama", "deit", "siglip_vision")])
 def test_zoo_under_bf16_autocast_stays_within_the_autocast_tolerance(case):
     """The existing bf16 tolerance (tests/engine/test_mixed_precision.py): 5% of the largest
     entry, against the float64 single-example loop."""
